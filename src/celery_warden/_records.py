@@ -1,0 +1,261 @@
+"""Frozen records every layer shares: the sampler and probe produce them, the store keeps
+them, analysis reads them and returns findings.
+
+A process is identified by ``(pid, start_ticks)``: ``start_ticks`` is field 22 of
+``/proc/PID/stat`` (clock ticks since boot), exact and cheap to read both from outside
+(the sampler) and from inside (the probe), so both sides name a process the same way
+even after its PID is reused.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from dataclasses import dataclass
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # pragma: no cover - Python 3.10
+
+    class StrEnum(str, enum.Enum):
+        """The 3.11 ``StrEnum``: members are their own text value."""
+
+        def __str__(self) -> str:
+            return str(self.value)
+
+
+__all__ = [
+    "EndReason",
+    "GrowthFinding",
+    "MemoryFinding",
+    "MemoryPoint",
+    "ProcessEnd",
+    "ProcessHistory",
+    "ProcessInfo",
+    "Role",
+    "Sample",
+    "SessionInfo",
+    "Snapshot",
+    "StrEnum",
+    "TaskFinished",
+    "TaskStarted",
+    "TaskState",
+    "Verdict",
+    "WorkerInfo",
+]
+
+
+class Role(StrEnum):
+    """Where a process stands in a worker tree."""
+
+    MASTER = "master"
+    CHILD = "child"  # a pool process forked by the master
+    DESCENDANT = "descendant"  # anything else below the master (what tasks spawn)
+
+
+class EndReason(StrEnum):
+    """Why a process ended, as far as the warden knows."""
+
+    EXITED = "exited"  # it exited on its own with the recorded code
+    MAX_TASKS = "max-tasks"  # Celery recycled it after worker_max_tasks_per_child
+    MAX_MEMORY = "max-memory"  # Celery recycled it after worker_max_memory_per_child
+    RECYCLED = "recycled"  # billiard's recycle exit code, cause not known
+    KILLED = "killed"  # ended by a signal (the code is -signum)
+    GONE = "gone"  # vanished; nobody told us how
+    UNKNOWN = "unknown"  # still alive when the warden stopped watching
+
+
+class TaskState(StrEnum):
+    """The outcome of one task call, as the probe saw it."""
+
+    STARTED = "started"
+    SUCCESS = "success"
+    FAILURE = "failure"
+    RETRY = "retry"
+    REVOKED = "revoked"
+    IGNORED = "ignored"
+    REJECTED = "rejected"
+    LOST = "lost"  # started but its process ended before it finished
+
+
+class Verdict(StrEnum):
+    """The memory verdict on one process."""
+
+    LEAK = "leak"
+    WARMING_UP = "warming-up"
+    STABLE = "stable"
+    INSUFFICIENT_DATA = "insufficient-data"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    """A process of a worker tree, as first seen."""
+
+    pid: int
+    start_ticks: int
+    ppid: int
+    role: Role
+    started_at: float  # epoch seconds
+    cmdline: str
+    master_pid: int  # the worker this process belongs to (itself for a master)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One reading of one process.
+
+    Figures that could not be read are ``None`` and named in ``missing`` as
+    ``"field:reason"`` (reason ``permission`` or ``gone``); the smaps figures
+    (uss, pss, swap, shared) are read at a lower rate and are ``None`` between reads
+    without being missing.
+    """
+
+    pid: int
+    start_ticks: int
+    t: float
+    state: str
+    rss_bytes: int
+    cpu_user_seconds: float
+    cpu_system_seconds: float
+    threads: int
+    open_fds: int | None = None
+    uss_bytes: int | None = None
+    pss_bytes: int | None = None
+    swap_bytes: int | None = None
+    shared_bytes: int | None = None
+    rss_peak_bytes: int | None = None  # VmHWM: the peak RSS, what Celery's own limit reads
+    missing: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessEnd:
+    """The end of a process's life."""
+
+    pid: int
+    start_ticks: int
+    t: float
+    reason: EndReason
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What the probe in a worker's master says about it at startup."""
+
+    pid: int
+    start_ticks: int
+    nodename: str
+    pool: str
+    concurrency: int
+    max_tasks_per_child: int | None
+    max_memory_per_child_kb: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStarted:
+    """The probe saw a task start in a pool process."""
+
+    pid: int
+    start_ticks: int
+    task_id: str
+    name: str
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFinished:
+    """The probe saw a task end; ``rss_after_bytes`` is read right after it."""
+
+    pid: int
+    start_ticks: int
+    task_id: str
+    name: str
+    t: float  # end, epoch seconds
+    wall_seconds: float  # from a monotonic clock, so a clock jump cannot skew it
+    state: TaskState
+    rss_after_bytes: int | None
+    started_at: float | None = None  # epoch seconds, as the probe saw it at prerun
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPoint:
+    """One point of a memory series for analysis: when, how much, after how many tasks."""
+
+    t: float
+    value: float
+    tasks_done: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryFinding:
+    """The memory verdict on one process with the evidence behind it.
+
+    Slopes are robust (Theil-Sen) fits over ``window`` after warm-up; ``None`` where
+    the axis was not available (no tasks recorded, or too short a time).
+    """
+
+    verdict: Verdict
+    metric: str  # "uss" or "rss": the series the verdict was drawn from
+    current_bytes: float | None
+    peak_bytes: float | None
+    slope_bytes_per_task: float | None
+    slope_bytes_per_hour: float | None
+    growth_bytes: float | None  # fitted growth over the window
+    noise_bytes: float | None  # robust spread of the residuals
+    confidence: float  # 0..1: how sure the verdict is
+    window_start: float | None  # epoch seconds
+    window_end: float | None
+    window_tasks: int | None
+    points: int
+    reason: str  # one sentence a person can read
+
+
+@dataclass(frozen=True, slots=True)
+class GrowthFinding:
+    """Sustained growth of a count (threads, open files) in one process."""
+
+    kind: str  # "thread-leak" or "fd-leak"
+    start_value: float
+    end_value: float
+    slope_per_hour: float
+    slope_per_task: float | None
+    confidence: float
+    points: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """One run of the warden (``run``, ``watch`` or ``demo``) as stored."""
+
+    id: int
+    mode: str
+    command: str
+    hostname: str
+    started_at: float
+    ended_at: float | None
+    exit_code: int | None
+    interval_seconds: float
+    probe_dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessHistory:
+    """Everything stored about one process: its life, its samples and its tasks."""
+
+    info: ProcessInfo
+    ended_at: float | None
+    end_reason: EndReason | None
+    exit_code: int | None
+    samples: tuple[Sample, ...]
+    tasks: tuple[TaskFinished, ...]  # finished tasks, by end time
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What ``report`` reads from the store for one session."""
+
+    session: SessionInfo
+    workers: tuple[WorkerInfo, ...]
+    processes: tuple[ProcessHistory, ...]
+    running_tasks: tuple[TaskStarted, ...]  # started, never finished

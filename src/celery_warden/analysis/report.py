@@ -1,0 +1,237 @@
+"""Turn a stored session (a :class:`Snapshot`) into the findings every reporter renders.
+
+Pure: records in, findings out. Which memory series a verdict is drawn from, per
+process, in order of preference:
+
+1. USS (private memory, what recycling the process would free) when the sampler read it
+   often enough (``min_points``): it ignores copy-on-write pages shared with the master;
+2. else the RSS the probe read right after each task: one reading per task, always at
+   the same point of the task cycle, so transient allocations of the next task do not
+   blur it;
+3. else the RSS of the 1 Hz samples.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from celery_warden._records import (
+    EndReason,
+    GrowthFinding,
+    MemoryFinding,
+    MemoryPoint,
+    ProcessHistory,
+    Role,
+    SessionInfo,
+    Snapshot,
+    TaskFinished,
+    Verdict,
+    WorkerInfo,
+)
+from celery_warden.analysis.growth import assess_count_growth
+from celery_warden.analysis.memory import assess_memory
+from celery_warden.analysis.tasks import TaskSummary, summarize_tasks
+from celery_warden.analysis.thresholds import DEFAULT_THRESHOLDS, AnalysisThresholds
+
+__all__ = ["ProcessReport", "Report", "WorkerReport", "build_report", "verdict_rank"]
+
+_VERDICT_ORDER = {
+    Verdict.LEAK: 0,
+    Verdict.WARMING_UP: 1,
+    Verdict.STABLE: 2,
+    Verdict.INSUFFICIENT_DATA: 3,
+}
+
+
+def verdict_rank(verdict: Verdict) -> int:
+    """Sort key that puts the verdicts a person must act on first."""
+    return _VERDICT_ORDER[verdict]
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessReport:
+    """One process: its life, its memory now and at peak, and the verdicts."""
+
+    pid: int
+    start_ticks: int
+    role: Role
+    master_pid: int
+    cmdline: str
+    started_at: float
+    ended_at: float | None
+    end_reason: EndReason | None
+    exit_code: int | None
+    rss_bytes: int | None
+    rss_peak_bytes: int | None
+    uss_bytes: int | None
+    uss_peak_bytes: int | None
+    pss_bytes: int | None
+    pss_peak_bytes: int | None
+    threads: int | None
+    open_fds: int | None
+    cpu_seconds: float | None
+    tasks_run: int
+    samples: int
+    memory: MemoryFinding
+    growth: tuple[GrowthFinding, ...]
+    missing: tuple[str, ...]  # figures that could not be read, with why
+
+    @property
+    def verdict(self) -> Verdict:
+        return self.memory.verdict
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReport:
+    """One worker: its master and what the probe told about it."""
+
+    master_pid: int
+    nodename: str | None
+    pool: str | None
+    concurrency: int | None
+    processes: int
+    children_alive: int
+    tasks_run: int
+    verdict: Verdict  # the most pressing verdict among its processes
+    rss_bytes: int  # sum over live processes: what `ps` shows (double counts shared pages)
+    uss_bytes: int | None  # sum of private memory where known: what it really holds
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Everything a reporter renders for one session."""
+
+    session: SessionInfo
+    workers: tuple[WorkerReport, ...]
+    processes: tuple[ProcessReport, ...]
+    tasks: tuple[TaskSummary, ...]
+    tasks_running: int
+
+
+def build_report(snapshot: Snapshot, thresholds: AnalysisThresholds = DEFAULT_THRESHOLDS) -> Report:
+    """Assess every process and task name of a session."""
+    processes = [_assess_process(history, thresholds) for history in snapshot.processes]
+    processes.sort(
+        key=lambda p: (verdict_rank(p.verdict), p.master_pid, p.role != Role.MASTER, p.started_at)
+    )
+    all_tasks = [task for history in snapshot.processes for task in history.tasks]
+    workers = _workers(snapshot.workers, processes)
+    return Report(
+        session=snapshot.session,
+        workers=tuple(workers),
+        processes=tuple(processes),
+        tasks=tuple(summarize_tasks(all_tasks)),
+        tasks_running=len(snapshot.running_tasks),
+    )
+
+
+def _assess_process(history: ProcessHistory, thresholds: AnalysisThresholds) -> ProcessReport:
+    samples = [s for s in history.samples if s.state != "zombie"]
+    task_ends = [task.t for task in history.tasks]
+
+    def done_by(t: float) -> int:
+        return bisect.bisect_right(task_ends, t)
+
+    metric, points = _memory_series(history, done_by, thresholds)
+    memory = assess_memory(points, metric, thresholds)
+    growth = []
+    for kind, values in (
+        ("thread-leak", [(s.t, s.threads) for s in samples]),
+        ("fd-leak", [(s.t, s.open_fds) for s in samples if s.open_fds is not None]),
+    ):
+        finding = assess_count_growth(
+            kind, [MemoryPoint(t, float(v), done_by(t)) for t, v in values], thresholds
+        )
+        if finding is not None:
+            growth.append(finding)
+    last = samples[-1] if samples else None
+    uss = [s.uss_bytes for s in samples if s.uss_bytes is not None]
+    pss = [s.pss_bytes for s in samples if s.pss_bytes is not None]
+    peaks = [s.rss_peak_bytes or s.rss_bytes for s in samples]
+    peaks += [t.rss_after_bytes for t in history.tasks if t.rss_after_bytes is not None]
+    missing = sorted({m for s in history.samples for m in s.missing})
+    return ProcessReport(
+        pid=history.info.pid,
+        start_ticks=history.info.start_ticks,
+        role=history.info.role,
+        master_pid=history.info.master_pid,
+        cmdline=history.info.cmdline,
+        started_at=history.info.started_at,
+        ended_at=history.ended_at,
+        end_reason=history.end_reason,
+        exit_code=history.exit_code,
+        rss_bytes=last.rss_bytes if last else None,
+        rss_peak_bytes=max(peaks) if peaks else None,
+        uss_bytes=uss[-1] if uss else None,
+        uss_peak_bytes=max(uss) if uss else None,
+        pss_bytes=pss[-1] if pss else None,
+        pss_peak_bytes=max(pss) if pss else None,
+        threads=last.threads if last else None,
+        open_fds=last.open_fds if last else None,
+        cpu_seconds=(last.cpu_user_seconds + last.cpu_system_seconds) if last else None,
+        tasks_run=len(history.tasks),
+        samples=len(history.samples),
+        memory=memory,
+        growth=tuple(growth),
+        missing=tuple(missing),
+    )
+
+
+def _memory_series(
+    history: ProcessHistory,
+    done_by: Callable[[float], int],
+    thresholds: AnalysisThresholds,
+) -> tuple[str, list[MemoryPoint]]:
+    uss = [
+        MemoryPoint(s.t, float(s.uss_bytes), done_by(s.t))
+        for s in history.samples
+        if s.uss_bytes is not None
+    ]
+    if len(uss) >= thresholds.min_points:
+        return "uss", uss
+    per_task = _per_task_rss(history.tasks)
+    if len(per_task) >= thresholds.min_points:
+        return "rss", per_task
+    rss = [
+        MemoryPoint(s.t, float(s.rss_bytes), done_by(s.t))
+        for s in history.samples
+        if s.state != "zombie"
+    ]
+    return "rss", rss
+
+
+def _per_task_rss(tasks: Sequence[TaskFinished]) -> list[MemoryPoint]:
+    return [
+        MemoryPoint(task.t, float(task.rss_after_bytes), index)
+        for index, task in enumerate(tasks, start=1)
+        if task.rss_after_bytes is not None
+    ]
+
+
+def _workers(infos: Sequence[WorkerInfo], processes: Sequence[ProcessReport]) -> list[WorkerReport]:
+    by_pid = {info.pid: info for info in infos}
+    masters = sorted({p.master_pid for p in processes})
+    workers = []
+    for master_pid in masters:
+        members = [p for p in processes if p.master_pid == master_pid]
+        alive = [p for p in members if p.ended_at is None]
+        info = by_pid.get(master_pid)
+        uss_known = [p.uss_bytes for p in alive if p.uss_bytes is not None]
+        workers.append(
+            WorkerReport(
+                master_pid=master_pid,
+                nodename=info.nodename if info else None,
+                pool=info.pool if info else None,
+                concurrency=info.concurrency if info else None,
+                processes=len(members),
+                children_alive=sum(1 for p in alive if p.role is Role.CHILD),
+                tasks_run=sum(p.tasks_run for p in members),
+                verdict=min((p.verdict for p in members), key=verdict_rank),
+                rss_bytes=sum(p.rss_bytes or 0 for p in alive),
+                uss_bytes=sum(uss_known) if uss_known and len(uss_known) == len(alive) else None,
+            )
+        )
+    workers.sort(key=lambda w: (verdict_rank(w.verdict), w.master_pid))
+    return workers

@@ -1,0 +1,70 @@
+"""``celery-warden watch``: attach to workers already running."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import click
+
+from celery_warden._config import SamplerConfig
+from celery_warden.commands._common import resolve_store, store_option
+from celery_warden.runner import resolve_masters, watch_workers
+from celery_warden.session import Session
+from celery_warden.store import Store
+
+__all__ = ["command"]
+
+
+@click.command(
+    "watch",
+    epilog="\b\nExamples:\n  celery-warden watch\n  celery-warden watch --pid 4242 --duration 600",
+)
+@click.option("--pid", "pids", type=int, multiple=True, help="A worker's PID (repeatable).")
+@click.option("--match", "pattern", help="Only workers whose command line contains this.")
+@click.option(
+    "--interval",
+    "interval_seconds",
+    type=click.FloatRange(min=0.05),
+    default=1.0,
+    show_default=True,
+    help="Seconds between sweeps.",
+)
+@click.option(
+    "--duration",
+    "duration_seconds",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Stop after this many seconds (default: until Ctrl-C).",
+)
+@store_option
+def command(
+    pids: tuple[int, ...],
+    pattern: str | None,
+    interval_seconds: float,
+    duration_seconds: float | None,
+    store_path: Path | None,
+) -> int:
+    """Sample Celery workers that are already running, until stopped.
+
+    Workers are found by command line (`celery ... worker`, `python -m celery ...
+    worker`) or named with --pid. Out of process only: per-task figures need the probe
+    (`celery-warden run`).
+    """
+    for pid in pids:
+        if pid <= 0:
+            raise click.BadParameter(f"{pid} is not a process ID", param_hint="--pid")
+    resolve_masters(pids, pattern)  # fail before touching the store
+    store = Store.open(resolve_store(store_path))
+    try:
+        described = " ".join(f"--pid {p}" for p in pids) or f"--match {shlex.quote(pattern or '')}"
+        session = Session(
+            store,
+            mode="watch",
+            command=described,
+            config=SamplerConfig(interval_seconds=interval_seconds),
+            with_probe=False,
+        )
+        return watch_workers(session, pids, pattern, duration_seconds)
+    finally:
+        store.close()

@@ -1,0 +1,97 @@
+"""The wire format between the probe (inside the worker) and the warden.
+
+One line is one message: a compact JSON array whose first element names its kind,
+ended by a newline (JSON escapes newlines inside strings, so framing is safe). JSON keeps
+the probe free of dependencies and any odd task name safe; task names are truncated to
+``MAX_NAME`` so a message stays small.
+
+=====  ==================================================================
+kind   fields
+=====  ==================================================================
+``w``  pid, start_ticks, nodename, pool, concurrency, max_tasks, max_mem_kb
+``s``  pid, start_ticks, task_id, name, t_start
+``f``  pid, start_ticks, task_id, name, t_start, t_end, wall_seconds, state, rss_bytes
+``x``  pid, start_ticks, t, exit_code, reason, dropped
+=====  ==================================================================
+"""
+
+from __future__ import annotations
+
+import json
+
+from celery_warden._records import (
+    EndReason,
+    ProcessEnd,
+    TaskFinished,
+    TaskStarted,
+    TaskState,
+    WorkerInfo,
+)
+
+__all__ = ["MAX_LINE", "MAX_NAME", "Message", "decode", "encode"]
+
+MAX_NAME = 200
+MAX_LINE = 16 * 1024  # a longer line is not a probe message
+Message = WorkerInfo | TaskStarted | TaskFinished | ProcessEnd
+
+_STATES = {state.value: state for state in TaskState}
+_REASONS = {reason.value: reason for reason in EndReason}
+
+
+def encode(kind: str, *fields: object) -> bytes:
+    """Encode one message (the probe side: no validation, it must stay cheap)."""
+    return json.dumps([kind, *fields], separators=(",", ":")).encode() + b"\n"
+
+
+def decode(data: bytes) -> tuple[Message, int]:
+    """Decode one message into a record and the probe's dropped-message count.
+
+    Raises ValueError or TypeError for anything malformed; the caller counts and
+    skips it, since the socket may be written by any process of the same user.
+    """
+    message = json.loads(data)
+    if not isinstance(message, list) or not message:
+        raise ValueError("not a message")
+    kind, fields = message[0], message[1:]
+    if kind == "f":
+        pid, ticks, task_id, name, t_start, t_end, wall, state, rss = fields
+        return (
+            TaskFinished(
+                int(pid),
+                int(ticks),
+                str(task_id),
+                str(name),
+                float(t_end),
+                float(wall),
+                _STATES.get(str(state).lower(), TaskState.FAILURE),
+                None if rss is None else int(rss),
+                float(t_start),
+            ),
+            0,
+        )
+    if kind == "s":
+        pid, ticks, task_id, name, t_start = fields
+        return TaskStarted(int(pid), int(ticks), str(task_id), str(name), float(t_start)), 0
+    if kind == "x":
+        pid, ticks, t, code, reason, dropped = fields
+        end = ProcessEnd(
+            int(pid),
+            int(ticks),
+            float(t),
+            _REASONS.get(str(reason), EndReason.EXITED),
+            None if code is None else int(code),
+        )
+        return end, int(dropped)
+    if kind == "w":
+        pid, ticks, node, pool, concurrency, max_tasks, max_mem = fields
+        info = WorkerInfo(
+            int(pid),
+            int(ticks),
+            str(node),
+            str(pool),
+            int(concurrency),
+            None if max_tasks is None else int(max_tasks),
+            None if max_mem is None else int(max_mem),
+        )
+        return info, 0
+    raise ValueError(f"unknown message kind {kind!r}")

@@ -1,0 +1,145 @@
+"""The JSON report: a stable, versioned document for scripts and alerting.
+
+The schema is ``schemas/report-v1.schema.json`` (documented in docs/report-schema.md).
+Later versions only add fields; a consumer checks ``schema_version`` and ignores what
+it does not know.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import IO, Any
+
+from celery_warden._records import GrowthFinding, MemoryFinding
+from celery_warden._version import __version__
+from celery_warden.analysis.report import ProcessReport, Report, WorkerReport
+from celery_warden.analysis.tasks import TaskSummary
+
+__all__ = ["SCHEMA_VERSION", "JsonReporter"]
+
+SCHEMA_VERSION = 1
+
+
+def _evidence(finding: MemoryFinding) -> dict[str, Any]:
+    return {
+        "metric": finding.metric,
+        "growth_bytes": finding.growth_bytes,
+        "noise_bytes": finding.noise_bytes,
+        "confidence": round(finding.confidence, 4),
+        "window": {
+            "start": finding.window_start,
+            "end": finding.window_end,
+            "tasks": finding.window_tasks,
+        },
+        "points": finding.points,
+        "reason": finding.reason,
+    }
+
+
+def _growth(finding: GrowthFinding) -> dict[str, Any]:
+    return {
+        "kind": finding.kind,
+        "start_value": finding.start_value,
+        "end_value": finding.end_value,
+        "slope_per_hour": finding.slope_per_hour,
+        "slope_per_task": finding.slope_per_task,
+        "confidence": round(finding.confidence, 4),
+        "points": finding.points,
+        "reason": finding.reason,
+    }
+
+
+def _process(p: ProcessReport) -> dict[str, Any]:
+    return {
+        "pid": p.pid,
+        "start_ticks": p.start_ticks,
+        "role": str(p.role),
+        "master_pid": p.master_pid,
+        "cmdline": p.cmdline,
+        "started_at": p.started_at,
+        "ended_at": p.ended_at,
+        "end_reason": str(p.end_reason) if p.end_reason else None,
+        "exit_code": p.exit_code,
+        "rss_bytes": p.rss_bytes,
+        "rss_peak_bytes": p.rss_peak_bytes,
+        "uss_bytes": p.uss_bytes,
+        "uss_peak_bytes": p.uss_peak_bytes,
+        "pss_bytes": p.pss_bytes,
+        "pss_peak_bytes": p.pss_peak_bytes,
+        "threads": p.threads,
+        "open_fds": p.open_fds,
+        "cpu_seconds": p.cpu_seconds,
+        "tasks_run": p.tasks_run,
+        "samples": p.samples,
+        "slope_bytes_per_task": p.memory.slope_bytes_per_task,
+        "slope_bytes_per_hour": p.memory.slope_bytes_per_hour,
+        "verdict": str(p.verdict),
+        "evidence": _evidence(p.memory),
+        "findings": [_growth(g) for g in p.growth],
+        "missing": list(p.missing),
+    }
+
+
+def _worker(w: WorkerReport) -> dict[str, Any]:
+    return {
+        "master_pid": w.master_pid,
+        "nodename": w.nodename,
+        "pool": w.pool,
+        "concurrency": w.concurrency,
+        "processes": w.processes,
+        "children_alive": w.children_alive,
+        "tasks_run": w.tasks_run,
+        "verdict": str(w.verdict),
+        "rss_bytes": w.rss_bytes,
+        "uss_bytes": w.uss_bytes,
+    }
+
+
+def _task(t: TaskSummary) -> dict[str, Any]:
+    return {
+        "name": t.name,
+        "calls": t.calls,
+        "failures": t.failures,
+        "retries": t.retries,
+        "wall_p50_seconds": t.wall_p50_seconds,
+        "wall_p95_seconds": t.wall_p95_seconds,
+        "wall_max_seconds": t.wall_max_seconds,
+    }
+
+
+class JsonReporter:
+    """Renders a report as one JSON document."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.document = document
+
+    @classmethod
+    def from_report(cls, report: Report) -> JsonReporter:
+        s = report.session
+        return cls(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "generator": f"celery-warden {__version__}",
+                "generated_at": time.time(),
+                "session": {
+                    "id": s.id,
+                    "mode": s.mode,
+                    "command": s.command,
+                    "hostname": s.hostname,
+                    "started_at": s.started_at,
+                    "ended_at": s.ended_at,
+                    "exit_code": s.exit_code,
+                    "interval_seconds": s.interval_seconds,
+                    "probe_dropped": s.probe_dropped,
+                },
+                "workers": [_worker(w) for w in report.workers],
+                "processes": [_process(p) for p in report.processes],
+                "tasks": [_task(t) for t in report.tasks],
+                "tasks_running": report.tasks_running,
+            }
+        )
+
+    def render(self, outfile: IO[str]) -> None:
+        json.dump(self.document, outfile, indent=2)
+        outfile.write("\n")

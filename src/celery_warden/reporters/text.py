@@ -1,0 +1,156 @@
+"""The terminal report: rich tables, verdicts first, one line per worker, process and
+task name."""
+
+from __future__ import annotations
+
+import datetime
+from typing import IO
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from celery_warden._records import Role, Verdict
+from celery_warden.analysis._format import format_bytes, format_duration
+from celery_warden.analysis.report import ProcessReport, Report
+
+__all__ = ["TextReporter"]
+
+_STYLE = {
+    Verdict.LEAK: "bold red",
+    Verdict.WARMING_UP: "yellow",
+    Verdict.STABLE: "green",
+    Verdict.INSUFFICIENT_DATA: "dim",
+}
+
+
+def _size(value: float | None) -> str:
+    return "-" if value is None else format_bytes(value)
+
+
+def _slope(value: float | None, unit: str) -> str:
+    return "-" if value is None else f"{format_bytes(value)}/{unit}"
+
+
+def _verdict(verdict: Verdict) -> Text:
+    return Text(str(verdict), style=_STYLE[verdict])
+
+
+def _life(p: ProcessReport) -> str:
+    if p.ended_at is None:
+        return "alive"
+    code = "" if p.exit_code is None else f" ({p.exit_code})"
+    return f"{p.end_reason or 'ended'}{code}"
+
+
+class TextReporter:
+    """Renders a report for a person at a terminal."""
+
+    def __init__(self, report: Report, *, verbose: bool = False) -> None:
+        self.report = report
+        self.verbose = verbose
+
+    @classmethod
+    def from_report(cls, report: Report, *, verbose: bool = False) -> TextReporter:
+        return cls(report, verbose=verbose)
+
+    def render(self, outfile: IO[str], *, width: int | None = None) -> None:
+        console = Console(file=outfile, width=width, highlight=False)
+        if width is None and not console.is_terminal:
+            console.width = 120  # rich's 80 columns wrap every row of these tables
+        r = self.report
+        started = datetime.datetime.fromtimestamp(r.session.started_at).strftime("%Y-%m-%d %H:%M")
+        length = (r.session.ended_at or r.session.started_at) - r.session.started_at
+        console.print(
+            f"[bold]celery-warden[/] session {r.session.id} ({r.session.mode}) on "
+            f"{r.session.hostname}, {started}, {format_duration(length)}: {r.session.command}"
+        )
+        if not r.processes:
+            console.print("No worker process was seen in this session.")
+            return
+        console.print(self._workers())
+        console.print(self._processes())
+        self._findings(console)
+        if r.tasks:
+            console.print(self._tasks())
+        if r.session.probe_dropped:
+            console.print(
+                f"[yellow]The probe dropped {r.session.probe_dropped} messages "
+                "(the warden was slow or absent).[/]"
+            )
+
+    def _workers(self) -> Table:
+        table = Table(title="Workers", title_justify="left")
+        for column in ("verdict", "master", "node", "pool", "processes", "tasks", "RSS", "USS"):
+            table.add_column(
+                column, justify="right" if column in {"processes", "tasks"} else "left"
+            )
+        for w in self.report.workers:
+            table.add_row(
+                _verdict(w.verdict),
+                str(w.master_pid),
+                w.nodename or "-",
+                f"{w.pool or '?'} x{w.concurrency}" if w.concurrency else (w.pool or "-"),
+                f"{w.children_alive} children / {w.processes}",
+                f"{w.tasks_run:,}",
+                format_bytes(w.rss_bytes),
+                _size(w.uss_bytes),
+            )
+        return table
+
+    def _processes(self) -> Table:
+        table = Table(title="Processes", title_justify="left")
+        columns = ("verdict", "pid", "role", "life", "tasks", "now", "peak", "per task", "per hour")
+        for column in columns:
+            table.add_column(column)
+        shown = [
+            p
+            for p in self.report.processes
+            if self.verbose or p.role is not Role.DESCENDANT or p.verdict is Verdict.LEAK
+        ]
+        for p in shown:
+            metric = p.memory.metric.upper()
+            now = p.uss_bytes if metric == "USS" and p.uss_bytes is not None else p.rss_bytes
+            peak = p.uss_peak_bytes if metric == "USS" else p.rss_peak_bytes
+            table.add_row(
+                _verdict(p.verdict),
+                str(p.pid),
+                str(p.role),
+                _life(p),
+                f"{p.tasks_run:,}",
+                f"{_size(now)} {metric}",
+                _size(peak),
+                _slope(p.memory.slope_bytes_per_task, "task"),
+                _slope(p.memory.slope_bytes_per_hour, "h"),
+            )
+        hidden = len(self.report.processes) - len(shown)
+        if hidden:
+            table.caption = f"{hidden} task-spawned processes not shown (-v shows them)"
+        return table
+
+    def _findings(self, console: Console) -> None:
+        for p in self.report.processes:
+            if p.verdict in (Verdict.LEAK, Verdict.WARMING_UP) or self.verbose:
+                console.print(f"  [{_STYLE[p.verdict]}]{p.role} {p.pid}[/]: {p.memory.reason}")
+            for g in p.growth:
+                console.print(f"  [bold red]{g.kind}[/] in {p.role} {p.pid}: {g.reason}")
+            if p.missing and self.verbose:
+                console.print(f"  [dim]{p.role} {p.pid}: not read: {', '.join(p.missing)}[/]")
+
+    def _tasks(self) -> Table:
+        table = Table(title="Tasks", title_justify="left")
+        for column in ("task", "calls", "failures", "retries", "wall p50", "wall p95", "wall max"):
+            table.add_column(column, justify="left" if column == "task" else "right")
+        for t in self.report.tasks:
+            table.add_row(
+                t.name,
+                f"{t.calls:,}",
+                f"{t.failures:,}",
+                f"{t.retries:,}",
+                f"{t.wall_p50_seconds * 1000:.1f} ms",
+                f"{t.wall_p95_seconds * 1000:.1f} ms",
+                f"{t.wall_max_seconds * 1000:.1f} ms",
+            )
+        if self.report.tasks_running:
+            table.caption = f"{self.report.tasks_running} tasks still running or lost"
+        return table

@@ -1,0 +1,195 @@
+"""Start workers under the warden (``run``) or attach to running ones (``watch``).
+
+Signals: the worker is started in its own session, so a Ctrl-C in the terminal or a
+SIGTERM from a process manager reaches the warden only; the warden forwards it to each
+worker's *master* only. A signal to the whole group would hit the pool children too and
+kill their in-flight tasks at once: that defeats Celery's warm shutdown
+(RELIABILITY.md, points 1 and 7).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
+from typing import IO
+
+from celery_warden import _procs
+from celery_warden._records import ProcessEnd, Role
+from celery_warden.exceptions import CommandNotFound, NoCommand, NoWorkerFound
+from celery_warden.sampler import describe_exit_status
+from celery_warden.session import Session
+from celery_warden.store import Record
+
+__all__ = ["FORWARDED_SIGNALS", "forward_to_masters", "run_workers", "watch_workers"]
+
+log = logging.getLogger("celery_warden")
+
+# INT and TERM are Celery's warm shutdown, QUIT its cold shutdown.
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
+
+
+@contextlib.contextmanager
+def _handling(signals: Sequence[int], handler: Callable[[int], None]) -> Iterator[None]:
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        handler(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals can only be handled in the main thread (tests drive us there)
+        return
+    previous = {signum: signal.signal(signum, on_signal) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def forward_to_masters(
+    session: Session, signum: int, fallback: Sequence[subprocess.Popen[bytes]]
+) -> None:
+    """Send ``signum`` to every watched worker master, through a verified pidfd."""
+    masters = session.masters()
+    for info in masters:
+        try:
+            handle = _procs.open_handle(info.pid, info.start_ticks)
+        except (_procs.Vanished, ValueError):
+            continue
+        try:
+            _procs.send_signal(handle, signum)
+            log.info("forwarded %s to worker master %d", signal.Signals(signum).name, info.pid)
+        finally:
+            handle.close()
+    if not masters:
+        # No worker master seen yet (it is still starting): the commands we started are
+        # our own children, unreaped, so their PIDs cannot have been reused.
+        for proc in fallback:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def run_workers(
+    session: Session,
+    commands: Sequence[Sequence[str]],
+    *,
+    stdout: IO[bytes] | None = None,
+    stderr: IO[bytes] | None = None,
+) -> int:
+    """Start each command as a child of the warden, watch until all exit.
+
+    Returns the exit code of the (first) command, shell style: 128 + N when killed by
+    signal N.
+    """
+    if not commands or not all(commands):
+        raise NoCommand(
+            "nothing to run after `--`; try `celery-warden run -- celery -A proj worker`"
+        )
+    procs: list[subprocess.Popen[bytes]] = []
+    env = session.probe_environment()
+    session.start()
+    try:
+        for argv in commands:
+            try:
+                proc = subprocess.Popen(
+                    list(argv), env=env, start_new_session=True, stdout=stdout, stderr=stderr
+                )
+            except OSError as exc:
+                raise CommandNotFound(
+                    f"cannot start {argv[0]!r}: {exc.strerror}; check the command and PATH"
+                ) from None
+            procs.append(proc)
+            session.add_anchor(proc.pid)
+            log.info("started %s as PID %d", " ".join(argv), proc.pid)
+        ticks = {p.pid: _procs.read_stat(p.pid).start_ticks for p in procs}
+        with _handling(FORWARDED_SIGNALS, lambda s: forward_to_masters(session, s, procs)):
+            while any(p.poll() is None for p in procs):
+                time.sleep(0.1)
+    except BaseException:
+        for proc in procs:
+            if proc.poll() is None:
+                forward_to_masters(session, signal.SIGTERM, procs)
+                break
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        session.stop(exit_code=1)
+        raise
+    final: list[Record] = []
+    for proc in procs:
+        reason, code = describe_exit_status(_wait_status(proc.returncode))
+        final.append(ProcessEnd(proc.pid, ticks[proc.pid], time.time(), reason, code))
+    code = _exit_code(procs[0].returncode)
+    session.stop(exit_code=code, final=final)
+    return code
+
+
+def _wait_status(returncode: int) -> int:
+    """Rebuild a waitpid status from Popen's returncode (``-N`` when killed by N)."""
+    return -returncode if returncode < 0 else returncode << 8
+
+
+def resolve_masters(pids: Sequence[int], pattern: str | None) -> list[int]:
+    """The worker masters to watch: those named by ``pids``, else all that match."""
+    if pids:
+        return sorted({_procs.describe_worker_pid(pid) for pid in pids})
+    masters = _procs.find_worker_masters(pattern)
+    if not masters:
+        seen = len(_procs.list_pids())
+        what = f" matching {pattern!r}" if pattern else ""
+        raise NoWorkerFound(
+            f"no Celery worker{what} found among {seen} processes; "
+            "pass --pid to point at one, or start it with `celery-warden run`"
+        )
+    return masters
+
+
+def watch_workers(
+    session: Session,
+    pids: Sequence[int],
+    pattern: str | None,
+    duration_seconds: float | None = None,
+) -> int:
+    """Sample running workers until stopped (SIGINT/SIGTERM), or for a duration.
+
+    With explicit PIDs it ends when they are all gone; by pattern it keeps looking for
+    new workers, so a restarted worker is picked up again.
+    """
+    masters = resolve_masters(pids, pattern)
+    stop = threading.Event()
+    for pid in masters:
+        session.add_anchor(pid)
+    session.start()
+    deadline = None if duration_seconds is None else time.monotonic() + duration_seconds
+    next_lookup = time.monotonic() + session.config.rescan_seconds
+    with _handling((signal.SIGINT, signal.SIGTERM), lambda _s: stop.set()):
+        while not stop.wait(0.2):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if pids:
+                if not any(i.role is Role.MASTER for i in session.tracked()) and _gone(masters):
+                    break
+            elif time.monotonic() >= next_lookup:
+                next_lookup = time.monotonic() + session.config.rescan_seconds
+                for pid in _procs.find_worker_masters(pattern):
+                    if pid not in masters:
+                        masters.append(pid)
+                        session.add_anchor(pid)
+    session.stop(exit_code=0)
+    return 0
+
+
+def _gone(pids: Sequence[int]) -> bool:
+    return not any(os.path.exists(f"/proc/{pid}") for pid in pids)

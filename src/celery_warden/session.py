@@ -1,0 +1,198 @@
+"""One warden session: the sampler, the probe listener and the store writer, wired up.
+
+Three threads, and the arrows point one way::
+
+    sampler thread ----\\
+                        >-- queue --> writer thread --> SQLite (WAL)
+    listener thread ---/
+
+The sampler and the listener never touch SQLite, so a slow disk or a reader holding
+the database can delay the writer but never a sweep; a failed write is counted and the
+session goes on (supervision matters more than history).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+
+from celery_warden._config import Retention, SamplerConfig
+from celery_warden._records import ProcessInfo, TaskFinished
+from celery_warden.listener import ProbeListener
+from celery_warden.probe import SITE_DIR, wire
+from celery_warden.probe._boot import SOCKET_ENV
+from celery_warden.sampler import Sampler
+from celery_warden.store import Record, Store
+
+__all__ = ["Session"]
+
+log = logging.getLogger("celery_warden")
+
+_MAX_BATCHES_PER_WRITE = 64
+
+
+class Session:
+    """Watches worker trees and records them into ``store`` until :meth:`stop`."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        mode: str,
+        command: str,
+        config: SamplerConfig | None = None,
+        retention: Retention | None = None,
+        with_probe: bool = True,
+        on_task: Callable[[TaskFinished], None] | None = None,
+    ) -> None:
+        self.config = config or SamplerConfig()
+        self.retention = retention or Retention()
+        self.store = store
+        self.session_id = store.begin_session(mode, command, self.config.interval_seconds)
+        self.sampler = Sampler(self.config)
+        self.store_errors = 0
+        self.tasks_finished = 0
+        self._on_task = on_task
+        self._lock = threading.Lock()  # guards the sampler between its thread and callers
+        self._queue: queue.SimpleQueue[list[Record] | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._private_dir: str | None = None
+        self.listener: ProbeListener | None = None
+        if with_probe:
+            self._private_dir = tempfile.mkdtemp(prefix="celery-warden-")  # mode 0700
+            socket_path = os.path.join(self._private_dir, "probe.sock")
+            self.listener = ProbeListener(socket_path, self._deliver)
+        self._threads = [
+            threading.Thread(target=self._sample_loop, name="warden-sampler", daemon=True),
+            threading.Thread(target=self._write_loop, name="warden-writer", daemon=True),
+        ]
+
+    # -- wiring ----------------------------------------------------------------------
+
+    def probe_environment(self) -> dict[str, str]:
+        """The environment for a worker started under this session: the probe attaches
+        through a ``sitecustomize`` on ``PYTHONPATH``, with no change to user code."""
+        env = dict(os.environ)
+        if self.listener is None:
+            return env
+        paths = [str(SITE_DIR), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        env[SOCKET_ENV] = self.listener.path
+        return env
+
+    def start(self) -> None:
+        if self.listener is not None:
+            self.listener.start()
+        for thread in self._threads:
+            thread.start()
+
+    def add_anchor(self, pid: int) -> None:
+        with self._lock:
+            self.sampler.add_anchor(pid)
+
+    def masters(self) -> list[ProcessInfo]:
+        with self._lock:
+            return self.sampler.masters()
+
+    def tracked(self) -> list[ProcessInfo]:
+        with self._lock:
+            return self.sampler.tracked
+
+    def record(self, records: list[Record]) -> None:
+        """Queue records for the store (from any thread)."""
+        self._queue.put(records)
+
+    def _deliver(self, message: wire.Message) -> None:
+        self._queue.put([message])
+        if isinstance(message, TaskFinished):
+            self.tasks_finished += 1
+            if self._on_task is not None:
+                self._on_task(message)
+
+    # -- the two loops ---------------------------------------------------------------
+
+    def _sample_loop(self) -> None:
+        interval = self.config.interval_seconds
+        deadline = time.monotonic()
+        while True:
+            self.sweep_now()
+            deadline += interval
+            # A sweep that overran its slot does not cause a burst of catch-up sweeps.
+            deadline = max(deadline, time.monotonic())
+            if self._stop.wait(deadline - time.monotonic()):
+                return
+
+    def sweep_now(self) -> None:
+        """Run one sweep and queue its records."""
+        try:
+            with self._lock:
+                records = self.sampler.sweep()
+        except Exception:  # a sampler bug must not end supervision
+            log.exception("sampler sweep failed")
+            return
+        if records:
+            self._queue.put(records)
+
+    def _write_loop(self) -> None:
+        last_retention = time.monotonic()
+        done = False
+        while not done:
+            first = self._queue.get()
+            batches = [first]
+            while len(batches) < _MAX_BATCHES_PER_WRITE:
+                try:
+                    batches.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            done = any(batch is None for batch in batches)
+            records = [record for batch in batches if batch is not None for record in batch]
+            self._write(records)
+            if time.monotonic() - last_retention >= self.retention.every_seconds:
+                last_retention = time.monotonic()
+                self._retain()
+
+    def _write(self, records: list[Record]) -> None:
+        if not records:
+            return
+        try:
+            self.store.write(self.session_id, records)
+        except sqlite3.Error as exc:
+            self.store_errors += 1
+            log.warning("store write failed (%s); %d records lost", exc, len(records))
+
+    def _retain(self) -> None:
+        try:
+            self.store.apply_retention(time.time(), self.retention)
+        except sqlite3.Error as exc:
+            self.store_errors += 1
+            log.warning("store retention failed: %s", exc)
+
+    # -- ending ----------------------------------------------------------------------
+
+    def stop(self, exit_code: int | None, final: list[Record] | None = None) -> None:
+        """Stop sampling, flush everything to the store and close the session."""
+        self._stop.set()
+        self._threads[0].join(timeout=10)
+        if self.listener is not None:
+            self.listener.stop()
+        self.sweep_now()  # see the last exits
+        with self._lock:
+            self._queue.put(self.sampler.end_all())
+        if final:
+            self._queue.put(final)
+        self._queue.put(None)
+        self._threads[1].join(timeout=60)
+        dropped = self.listener.dropped_by_probes if self.listener else 0
+        try:
+            self.store.end_session(self.session_id, exit_code, dropped)
+        except sqlite3.Error as exc:
+            log.warning("could not close the session in the store: %s", exc)
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)

@@ -1,0 +1,92 @@
+"""The store's schema, versioned with ``PRAGMA user_version``, and its forward migrations.
+
+A migration is a list of statements that takes the schema from version N-1 to N; they
+run in one transaction, so a store is never left half-migrated. Never edit a released
+migration: add the next one.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
+
+_V1 = [
+    """CREATE TABLE sessions (
+        id INTEGER PRIMARY KEY,
+        mode TEXT NOT NULL,               -- run | watch | demo
+        command TEXT NOT NULL,
+        hostname TEXT NOT NULL,
+        boot_id TEXT NOT NULL,
+        warden_pid INTEGER NOT NULL,
+        interval_seconds REAL NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        exit_code INTEGER,
+        probe_dropped INTEGER NOT NULL DEFAULT 0
+    )""",
+    """CREATE TABLE workers (
+        session_id INTEGER NOT NULL REFERENCES sessions(id),
+        pid INTEGER NOT NULL,
+        start_ticks INTEGER NOT NULL,
+        nodename TEXT NOT NULL,
+        pool TEXT NOT NULL,
+        concurrency INTEGER NOT NULL,
+        max_tasks_per_child INTEGER,
+        max_memory_per_child_kb INTEGER,
+        PRIMARY KEY (session_id, pid, start_ticks)
+    )""",
+    """CREATE TABLE processes (
+        id INTEGER PRIMARY KEY,
+        session_id INTEGER NOT NULL REFERENCES sessions(id),
+        pid INTEGER NOT NULL,
+        start_ticks INTEGER NOT NULL,
+        ppid INTEGER NOT NULL,
+        master_pid INTEGER NOT NULL,
+        role TEXT NOT NULL,               -- master | child | descendant
+        cmdline TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        end_reason TEXT,
+        exit_code INTEGER,
+        UNIQUE (session_id, pid, start_ticks)
+    )""",
+    # resolution_seconds is 0 for raw samples, else the width of an aggregate's bucket.
+    """CREATE TABLE samples (
+        process_id INTEGER NOT NULL REFERENCES processes(id),
+        t REAL NOT NULL,
+        resolution_seconds REAL NOT NULL DEFAULT 0,
+        state TEXT,
+        rss_bytes INTEGER,
+        rss_peak_bytes INTEGER,
+        cpu_user_seconds REAL,
+        cpu_system_seconds REAL,
+        threads INTEGER,
+        open_fds INTEGER,
+        uss_bytes INTEGER,
+        pss_bytes INTEGER,
+        swap_bytes INTEGER,
+        shared_bytes INTEGER,
+        missing TEXT
+    )""",
+    "CREATE INDEX samples_by_process ON samples (process_id, t)",
+    "CREATE INDEX samples_by_age ON samples (resolution_seconds, t)",
+    """CREATE TABLE tasks (
+        id INTEGER PRIMARY KEY,
+        session_id INTEGER NOT NULL REFERENCES sessions(id),
+        pid INTEGER NOT NULL,
+        start_ticks INTEGER NOT NULL,
+        task_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        wall_seconds REAL,
+        state TEXT NOT NULL,
+        rss_after_bytes INTEGER,
+        UNIQUE (session_id, pid, start_ticks, task_id, started_at)
+    )""",
+    "CREATE INDEX tasks_by_process ON tasks (session_id, pid, start_ticks, ended_at)",
+    "CREATE INDEX tasks_by_age ON tasks (started_at)",
+]
+
+# MIGRATIONS[i] takes the schema from version i to version i + 1.
+MIGRATIONS: list[list[str]] = [_V1]
+SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,375 @@
+"""The SQLite store: opening it safely, writing records, applying retention.
+
+WAL mode lets ``report`` read while the warden writes, and survives ``kill -9`` mid
+transaction (RELIABILITY.md, point 10). Only one thread writes (the session's writer
+thread); every batch is one transaction, so a reader never sees half a sweep.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from celery_warden._config import Retention
+from celery_warden._records import (
+    ProcessEnd,
+    ProcessInfo,
+    Sample,
+    TaskFinished,
+    TaskStarted,
+    WorkerInfo,
+)
+from celery_warden.exceptions import (
+    StoreEmpty,
+    StoreError,
+    StoreNotADatabase,
+    StoreNotWritable,
+    StoreTooNew,
+)
+from celery_warden.store._schema import MIGRATIONS, SCHEMA_VERSION
+
+__all__ = ["Record", "Store"]
+
+Record = ProcessInfo | Sample | ProcessEnd | WorkerInfo | TaskStarted | TaskFinished
+
+_BUSY_TIMEOUT_MS = 1000  # no write may hold the sampler's pipeline longer than this
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+class Store:
+    """An open store. Use :meth:`open`; close it when done.
+
+    >>> import tempfile, pathlib
+    >>> store = Store.open(pathlib.Path(tempfile.mkdtemp()) / "w.db")
+    >>> store.begin_session("run", "celery -A proj worker", 1.0) >= 1
+    True
+    >>> store.close()
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+        self._process_ids: dict[tuple[int, int, int], int] = {}
+
+    # -- opening ---------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, *, readonly: bool = False) -> Store:
+        """Open (and for writing, create or migrate) the store at ``path``.
+
+        Raises a :class:`StoreError` naming the path and what to do; the file is not
+        changed before its schema version has been checked.
+        """
+        path = Path(path)
+        if readonly:
+            if not path.exists():
+                raise StoreEmpty(
+                    f"no store at {path}; record something first with "
+                    "`celery-warden run -- celery -A proj worker` or `celery-warden demo`"
+                )
+            conn = cls._connect(f"file:{path}?mode=ro", path, uri=True)
+        else:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreNotWritable(
+                    f"cannot create the store's directory {path.parent}: {exc.strerror}; "
+                    "pass --store with a writable path"
+                ) from None
+            if not os.access(path.parent, os.W_OK):
+                raise StoreNotWritable(
+                    f"the store's directory {path.parent} is not writable; "
+                    "pass --store with a writable path"
+                )
+            conn = cls._connect(str(path), path, uri=False)
+        store = cls(conn, path)
+        try:
+            store._check_and_migrate(readonly=readonly)
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    @staticmethod
+    def _connect(target: str, path: Path, *, uri: bool) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                target, uri=uri, timeout=_BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreNotWritable(f"cannot open the store {path}: {exc}") from None
+        conn.isolation_level = None  # explicit BEGIN/COMMIT below
+        return conn
+
+    def _check_and_migrate(self, *, readonly: bool) -> None:
+        try:
+            version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+            # user_version reads the header only; make SQLite parse the schema too.
+            self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as exc:
+            if "not a database" in str(exc) or "malformed" in str(exc):
+                raise StoreNotADatabase(
+                    f"{self.path} is not a celery-warden store (not an SQLite database); "
+                    "pass --store with another path"
+                ) from None
+            raise StoreError(f"cannot read the store {self.path}: {exc}") from None
+        if version > SCHEMA_VERSION:
+            raise StoreTooNew(
+                f"the store {self.path} has schema version {version}, newer than this "
+                f"celery-warden understands ({SCHEMA_VERSION}); upgrade celery-warden"
+            )
+        if version == 0 and not readonly and self._has_foreign_tables():
+            raise StoreNotADatabase(
+                f"{self.path} is an SQLite database of something else; "
+                "pass --store with another path"
+            )
+        if readonly:
+            if version == 0:
+                raise StoreEmpty(f"the store {self.path} holds nothing yet")
+            return
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+            if version < SCHEMA_VERSION:
+                with self._transaction():
+                    for statements in MIGRATIONS[version:]:
+                        for statement in statements:
+                            self._conn.execute(statement)
+                    self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.OperationalError as exc:
+            if "readonly" in str(exc) or "read-only" in str(exc):
+                raise StoreNotWritable(
+                    f"the store {self.path} is read-only; pass --store with a writable path"
+                ) from None
+            raise StoreError(f"cannot prepare the store {self.path}: {exc}") from None
+
+    def _has_foreign_tables(self) -> bool:
+        return bool(self._conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone())
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The underlying connection, for the reader."""
+        return self._conn
+
+    def close(self) -> None:
+        """Close the connection (checkpointing the WAL when it is the last one)."""
+        self._conn.close()
+
+    # -- sessions --------------------------------------------------------------------
+
+    def begin_session(self, mode: str, command: str, interval_seconds: float) -> int:
+        """Record the start of a warden run and return its id."""
+        with self._transaction():
+            cursor = self._conn.execute(
+                "INSERT INTO sessions (mode, command, hostname, boot_id, warden_pid,"
+                " interval_seconds, started_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    mode,
+                    command,
+                    socket.gethostname(),
+                    _boot_id(),
+                    os.getpid(),
+                    interval_seconds,
+                    time.time(),
+                ),
+            )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def end_session(self, session_id: int, exit_code: int | None, probe_dropped: int) -> None:
+        """Record the end of a warden run; processes still open end as ``unknown``."""
+        now = time.time()
+        with self._transaction():
+            self._conn.execute(
+                "UPDATE sessions SET ended_at = ?, exit_code = ?, probe_dropped = ? WHERE id = ?",
+                (now, exit_code, probe_dropped, session_id),
+            )
+            self._conn.execute(
+                "UPDATE tasks SET state = 'lost' WHERE session_id = ? AND state = 'started'"
+                " AND EXISTS (SELECT 1 FROM processes p WHERE p.session_id = tasks.session_id"
+                " AND p.pid = tasks.pid AND p.start_ticks = tasks.start_ticks"
+                " AND p.ended_at IS NOT NULL)",
+                (session_id,),
+            )
+
+    # -- writing ---------------------------------------------------------------------
+
+    def write(self, session_id: int, records: Iterable[Record]) -> None:
+        """Write a batch of records in one transaction."""
+        with self._transaction():
+            for record in records:
+                self._write_one(session_id, record)
+
+    def _write_one(self, session_id: int, record: Record) -> None:
+        if isinstance(record, Sample):
+            process_id = self._process_ids.get((session_id, record.pid, record.start_ticks))
+            if process_id is None:
+                return  # a process never announced: nothing to attach the sample to
+            self._conn.execute(
+                "INSERT INTO samples (process_id, t, state, rss_bytes, rss_peak_bytes,"
+                " cpu_user_seconds, cpu_system_seconds, threads, open_fds, uss_bytes, pss_bytes,"
+                " swap_bytes, shared_bytes, missing)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    process_id,
+                    record.t,
+                    record.state,
+                    record.rss_bytes,
+                    record.rss_peak_bytes,
+                    record.cpu_user_seconds,
+                    record.cpu_system_seconds,
+                    record.threads,
+                    record.open_fds,
+                    record.uss_bytes,
+                    record.pss_bytes,
+                    record.swap_bytes,
+                    record.shared_bytes,
+                    ",".join(record.missing) or None,
+                ),
+            )
+        elif isinstance(record, TaskFinished):
+            self._conn.execute(
+                "INSERT INTO tasks (session_id, pid, start_ticks, task_id, name, started_at,"
+                " ended_at, wall_seconds, state, rss_after_bytes)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (session_id, pid, start_ticks, task_id, started_at) DO UPDATE"
+                " SET ended_at = excluded.ended_at, wall_seconds = excluded.wall_seconds,"
+                " state = excluded.state, rss_after_bytes = excluded.rss_after_bytes",
+                (
+                    session_id,
+                    record.pid,
+                    record.start_ticks,
+                    record.task_id,
+                    record.name,
+                    record.started_at
+                    if record.started_at is not None
+                    else record.t - record.wall_seconds,
+                    record.t,
+                    record.wall_seconds,
+                    str(record.state),
+                    record.rss_after_bytes,
+                ),
+            )
+        elif isinstance(record, TaskStarted):
+            self._conn.execute(
+                "INSERT OR IGNORE INTO tasks (session_id, pid, start_ticks, task_id, name,"
+                " started_at, state) VALUES (?, ?, ?, ?, ?, ?, 'started')",
+                (session_id, record.pid, record.start_ticks, record.task_id, record.name, record.t),
+            )
+        elif isinstance(record, ProcessInfo):
+            self._conn.execute(
+                "INSERT OR IGNORE INTO processes (session_id, pid, start_ticks, ppid, master_pid,"
+                " role, cmdline, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    session_id,
+                    record.pid,
+                    record.start_ticks,
+                    record.ppid,
+                    record.master_pid,
+                    str(record.role),
+                    record.cmdline,
+                    record.started_at,
+                ),
+            )
+            row = self._conn.execute(
+                "SELECT id FROM processes WHERE session_id = ? AND pid = ? AND start_ticks = ?",
+                (session_id, record.pid, record.start_ticks),
+            ).fetchone()
+            self._process_ids[(session_id, record.pid, record.start_ticks)] = int(row[0])
+        elif isinstance(record, ProcessEnd):
+            # The probe's word (an exit code, a recycle) beats the sampler's "gone", in
+            # whichever order the two arrive.
+            self._conn.execute(
+                "UPDATE processes SET ended_at = COALESCE(ended_at, ?),"
+                " end_reason = CASE WHEN end_reason IS NULL OR end_reason IN ('gone', 'unknown')"
+                " THEN ? ELSE end_reason END, exit_code = COALESCE(?, exit_code)"
+                " WHERE session_id = ? AND pid = ? AND start_ticks = ?",
+                (
+                    record.t,
+                    str(record.reason),
+                    record.exit_code,
+                    session_id,
+                    record.pid,
+                    record.start_ticks,
+                ),
+            )
+            self._conn.execute(
+                "UPDATE tasks SET state = 'lost' WHERE session_id = ? AND pid = ?"
+                " AND start_ticks = ? AND state = 'started'",
+                (session_id, record.pid, record.start_ticks),
+            )
+        else:  # WorkerInfo
+            self._conn.execute(
+                "INSERT OR REPLACE INTO workers (session_id, pid, start_ticks, nodename, pool,"
+                " concurrency, max_tasks_per_child, max_memory_per_child_kb)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    session_id,
+                    record.pid,
+                    record.start_ticks,
+                    record.nodename,
+                    record.pool,
+                    record.concurrency,
+                    record.max_tasks_per_child,
+                    record.max_memory_per_child_kb,
+                ),
+            )
+
+    # -- retention -------------------------------------------------------------------
+
+    def apply_retention(self, now: float, retention: Retention) -> None:
+        """Downsample old samples and drop what is past retention (docs/store.md)."""
+        with self._transaction():
+            self._downsample(0, 60, now - retention.raw_seconds)
+            self._downsample(60, 900, now - retention.minute_seconds)
+            self._conn.execute(
+                "DELETE FROM samples WHERE t < ?", (now - retention.quarter_seconds,)
+            )
+            self._conn.execute(
+                "DELETE FROM tasks WHERE started_at < ?", (now - retention.task_seconds,)
+            )
+            self._conn.execute(
+                "DELETE FROM tasks WHERE id <= (SELECT max(id) - ? FROM tasks)",
+                (retention.max_task_rows,),
+            )
+
+    def _downsample(self, below: float, width: float, cutoff: float) -> None:
+        cutoff = (cutoff // width) * width  # whole buckets only
+        self._conn.execute(
+            "INSERT INTO samples (process_id, t, resolution_seconds, rss_bytes, rss_peak_bytes,"
+            " cpu_user_seconds, cpu_system_seconds, threads, open_fds, uss_bytes, pss_bytes,"
+            " swap_bytes, shared_bytes)"
+            " SELECT process_id, max(t), ?, CAST(avg(rss_bytes) AS INTEGER),"
+            " max(COALESCE(rss_peak_bytes, rss_bytes)), max(cpu_user_seconds),"
+            " max(cpu_system_seconds), max(threads), max(open_fds),"
+            " CAST(avg(uss_bytes) AS INTEGER), CAST(avg(pss_bytes) AS INTEGER),"
+            " CAST(avg(swap_bytes) AS INTEGER), CAST(avg(shared_bytes) AS INTEGER)"
+            " FROM samples WHERE resolution_seconds <= ? AND t < ?"
+            " GROUP BY process_id, CAST(t / ? AS INTEGER)",
+            (width, below, cutoff, width),
+        )
+        self._conn.execute(
+            "DELETE FROM samples WHERE resolution_seconds <= ? AND t < ?", (below, cutoff)
+        )

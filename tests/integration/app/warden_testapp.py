@@ -1,0 +1,42 @@
+"""A small Celery app for the integration tests; the broker comes from the environment."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from celery import Celery
+
+app = Celery("warden_testapp", broker=os.environ["WARDEN_TEST_BROKER"])
+app.conf.update(
+    task_ignore_result=True,
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+    worker_prefetch_multiplier=4,
+)
+
+_KEPT: list[bytes] = []
+
+
+@app.task(name="testapp.leak")
+def leak(size_bytes: int = 100_000) -> int:
+    """Keeps ``size_bytes`` per call for good."""
+    _KEPT.append(os.urandom(size_bytes))
+    return len(_KEPT)
+
+
+@app.task(name="testapp.noop")
+def noop() -> None:
+    """Does nothing."""
+
+
+@app.task(name="testapp.nap")
+def nap(seconds: float = 0.01) -> None:
+    """Sleeps, as an IO-bound task waits."""
+    time.sleep(seconds)
+
+
+@app.task(name="testapp.fail")
+def fail() -> None:
+    """Raises."""
+    raise ValueError("planned failure")

@@ -1,0 +1,152 @@
+"""The sampler on real process trees (no Celery: a stand-in whose command line is a
+worker's), with real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from celery_warden._records import EndReason, ProcessEnd, ProcessInfo, Role, Sample
+from celery_warden.sampler import Sampler
+from celery_warden.store import Record
+from tests._support import wait_until
+
+# A stand-in worker: forks two "pool children" (same command line, no exec), one of
+# which spawns `sleep` (a task's subprocess). It reaps children only on SIGUSR1, so a
+# killed child stays a zombie until the test says so.
+FAKE_WORKER = """
+import os, signal, subprocess, sys, time
+def reap(*_):
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+signal.signal(signal.SIGUSR1, reap)
+for i in range(2):
+    if os.fork() == 0:
+        if i == 0:
+            subprocess.Popen(["sleep", "120"])
+        time.sleep(120)
+        os._exit(0)
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+@pytest.fixture
+def fake_worker(
+    tmp_path: Path, spawn: Callable[..., subprocess.Popen[bytes]]
+) -> subprocess.Popen[bytes]:
+    """A running stand-in worker tree, reaped after the test."""
+    script = tmp_path / "celery"
+    script.write_text(FAKE_WORKER)
+    proc = spawn(
+        [sys.executable, str(script), "-A", "proj", "worker"],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    return proc
+
+
+def _sweep_until(
+    sampler: Sampler, predicate: Callable[[list[Record]], bool], sink: list[Record]
+) -> None:
+    def step() -> bool:
+        records = sampler.sweep()
+        sink.extend(records)
+        return predicate(records)
+
+    wait_until(step, timeout=20)
+
+
+def test_the_whole_tree_is_found_with_roles(fake_worker: subprocess.Popen[bytes]) -> None:
+    """The master, its two forked children and a task's subprocess are found, each with
+    its role, and sampled."""
+    # GIVEN a sampler anchored on the worker
+    sampler = Sampler()
+    sampler.add_anchor(fake_worker.pid)
+    records: list[Record] = []
+    # WHEN it sweeps until it tracks four processes
+    _sweep_until(sampler, lambda _: len(sampler.tracked) == 4, records)
+    records += sampler.sweep()
+    # THEN roles follow the tree
+    infos = [r for r in records if isinstance(r, ProcessInfo)]
+    roles = sorted(str(i.role) for i in infos)
+    assert roles == ["child", "child", "descendant", "master"]
+    assert all(i.master_pid == fake_worker.pid for i in infos)
+    (sleeper,) = [i for i in infos if i.role is Role.DESCENDANT]
+    assert sleeper.cmdline == "sleep 120"
+    # AND every process is sampled with its figures
+    samples = [r for r in records if isinstance(r, Sample)]
+    assert {s.pid for s in samples} == {i.pid for i in infos}
+    assert all(s.rss_bytes > 0 and s.threads >= 1 for s in samples)
+    assert all(s.open_fds is not None and s.open_fds >= 3 for s in samples)
+    assert any(s.uss_bytes is not None for s in samples)
+
+
+def test_a_killed_child_ends_as_killed_via_its_zombie(
+    fake_worker: subprocess.Popen[bytes],
+) -> None:
+    """A child killed by SIGKILL is seen as a zombie (no memory counted), then ends with
+    reason `killed` and code -9 once reaped."""
+    # GIVEN a sampler tracking the tree
+    sampler = Sampler()
+    sampler.add_anchor(fake_worker.pid)
+    records: list[Record] = []
+    _sweep_until(sampler, lambda _: len(sampler.tracked) == 4, records)
+    child = next(i for i in sampler.tracked if i.role is Role.CHILD)
+    # WHEN the child is killed and its parent does not reap it yet
+    os.kill(child.pid, signal.SIGKILL)
+    _sweep_until(
+        sampler,
+        lambda rs: any(
+            isinstance(r, Sample) and r.pid == child.pid and r.state == "zombie" for r in rs
+        ),
+        records,
+    )
+    # THEN once its parent reaps it, its end carries the signal
+    os.kill(fake_worker.pid, signal.SIGUSR1)
+    _sweep_until(
+        sampler,
+        lambda rs: any(isinstance(r, ProcessEnd) and r.pid == child.pid for r in rs),
+        records,
+    )
+    (end,) = [r for r in records if isinstance(r, ProcessEnd) and r.pid == child.pid]
+    assert (end.reason, end.exit_code) == (EndReason.KILLED, -signal.SIGKILL)
+    zombie = [r for r in records if isinstance(r, Sample) and r.state == "zombie"]
+    assert all(z.rss_bytes == 0 for z in zombie)
+
+
+def test_a_process_outside_the_tree_is_never_tracked(
+    fake_worker: subprocess.Popen[bytes],
+    spawn: Callable[..., subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """A look-alike worker that is not below the anchor is ignored."""
+    # GIVEN a decoy with the same command line, in its own session
+    decoy_script = tmp_path / "decoy" / "celery"
+    decoy_script.parent.mkdir()
+    decoy_script.write_text("import time\ntime.sleep(60)\n")
+    decoy = spawn(
+        [sys.executable, str(decoy_script), "-A", "proj", "worker"], start_new_session=True
+    )
+    # WHEN the sampler sweeps the real worker's tree
+    sampler = Sampler()
+    sampler.add_anchor(fake_worker.pid)
+    records: list[Record] = []
+    _sweep_until(sampler, lambda _: len(sampler.tracked) == 4, records)
+    records += sampler.sweep()
+    # THEN the decoy is not in it
+    assert decoy.pid not in {i.pid for i in sampler.tracked}

@@ -1,0 +1,175 @@
+"""The in-worker probe: what it sends, and that it never fails a task."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from celery_warden._records import TaskFinished, TaskStarted, TaskState
+from celery_warden.probe import SITE_DIR, wire
+from celery_warden.probe._channel import Channel
+from celery_warden.probe._hooks import Probe
+
+
+class FakeTask:
+    """Stands in for a Celery task: the probe only reads its name."""
+
+    name = "proj.tasks.add"
+
+
+class BrokenTask:
+    """A task object whose name cannot even be read."""
+
+    @property
+    def name(self) -> str:
+        raise RuntimeError("boom")
+
+
+@pytest.fixture
+def make_probe() -> Iterator[Callable[[str], Probe]]:
+    """Probes that are closed when the test ends."""
+    made: list[Probe] = []
+
+    def _make(path: str) -> Probe:
+        made.append(Probe(Channel(path)))
+        return made[-1]
+
+    yield _make
+    for probe in made:
+        probe.close()
+
+
+class Receiver:
+    """A stream socket standing where the warden's would; reads messages line by line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(self.path)
+        self.server.listen(1)
+        self.server.settimeout(2)
+        self.conn: socket.socket | None = None
+        self.lines: list[bytes] = []
+        self.rest = b""
+
+    def recv(self) -> bytes:
+        if self.conn is None:
+            self.conn, _ = self.server.accept()
+            self.conn.settimeout(2)
+        while not self.lines:
+            *lines, self.rest = (self.rest + self.conn.recv(65536)).split(b"\n")
+            self.lines.extend(lines)
+        return self.lines.pop(0)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.server.close()
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    """Where the warden's socket would be."""
+    r = Receiver(tmp_path / "probe.sock")
+    yield r
+    r.close()
+
+
+def test_a_task_is_reported_at_start_and_end_with_the_rss_after(
+    receiver: Receiver, make_probe: Callable[[str], Probe]
+) -> None:
+    """prerun and postrun send the task's start, its end, its duration and the RSS."""
+    # GIVEN a probe sending to a listening socket
+    probe = make_probe(receiver.path)
+    # WHEN a task runs
+    probe.on_task_prerun(task_id="id-1", task=FakeTask())
+    probe.on_task_postrun(task_id="id-1", task=FakeTask(), state="SUCCESS")
+    # THEN two messages describe it, the second with the RSS of this process
+    started, _ = wire.decode(receiver.recv())
+    finished, _ = wire.decode(receiver.recv())
+    assert isinstance(started, TaskStarted)
+    assert isinstance(finished, TaskFinished)
+    assert (started.pid, finished.pid) == (os.getpid(), os.getpid())
+    assert finished.name == "proj.tasks.add"
+    assert finished.state is TaskState.SUCCESS
+    assert finished.started_at == started.t
+    assert finished.wall_seconds >= 0
+    assert finished.rss_after_bytes is not None
+    assert finished.rss_after_bytes > 1_000_000
+    assert probe.errors == 0
+
+
+def test_with_no_warden_the_probe_drops_and_counts(
+    tmp_path: Path, make_probe: Callable[[str], Probe]
+) -> None:
+    """When nobody listens, sends fail at once, are counted, and nothing raises."""
+    probe = make_probe(str(tmp_path / "nobody-here.sock"))
+    for n in range(5):
+        probe.on_task_prerun(task_id=str(n), task=FakeTask())
+        probe.on_task_postrun(task_id=str(n), task=FakeTask(), state="FAILURE")
+    assert probe.channel.dropped == 10
+    assert probe.errors == 0
+
+
+def test_a_receiver_that_fails_inside_never_raises_into_celery(
+    receiver: Receiver, make_probe: Callable[[str], Probe]
+) -> None:
+    """Whatever goes wrong inside a receiver is counted, not raised."""
+    probe = make_probe(receiver.path)
+    probe.on_task_prerun(task_id="x", task=BrokenTask())
+    probe.on_task_postrun(task_id="x", task=BrokenTask(), state="SUCCESS")
+    assert probe.errors == 2
+
+
+def test_postrun_without_prerun_is_still_recorded(
+    receiver: Receiver, make_probe: Callable[[str], Probe]
+) -> None:
+    """A postrun whose prerun was never seen still reports the task, with zero duration."""
+    probe = make_probe(receiver.path)
+    probe.on_task_postrun(task_id="orphan", task=FakeTask(), state="RETRY")
+    finished, _ = wire.decode(receiver.recv())
+    assert isinstance(finished, TaskFinished)
+    assert finished.state is TaskState.RETRY
+    assert finished.wall_seconds == 0
+
+
+def test_a_pool_child_exit_says_why(receiver: Receiver, make_probe: Callable[[str], Probe]) -> None:
+    """billiard's recycle exit code is told apart as max-tasks when the count was reached."""
+    probe = make_probe(receiver.path)
+    probe.max_tasks_per_child = 1
+    probe.on_task_prerun(task_id="a", task=FakeTask())
+    probe.on_task_postrun(task_id="a", task=FakeTask(), state="SUCCESS")
+    receiver.recv()
+    receiver.recv()
+    probe.on_process_shutdown(pid=os.getpid(), exitcode=0x9B)
+    end, dropped = wire.decode(receiver.recv())
+    assert str(end.reason) == "max-tasks"  # type: ignore[union-attr]
+    assert dropped == 0
+
+
+def test_sitecustomize_hands_over_to_the_users_own(tmp_path: Path) -> None:
+    """The probe's sitecustomize stays out of non-worker programs and still runs the
+    sitecustomize the environment already had."""
+    # GIVEN a user sitecustomize further down PYTHONPATH
+    user_dir = tmp_path / "user"
+    user_dir.mkdir()
+    (user_dir / "sitecustomize.py").write_text("import sys\nsys.user_site_ran = True\n")
+    env = dict(os.environ, PYTHONPATH=f"{SITE_DIR}{os.pathsep}{user_dir}")
+    env["CELERY_WARDEN_SOCKET"] = str(tmp_path / "probe.sock")
+    # WHEN a plain Python program starts
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; print(sys.user_site_ran, 'celery' in sys.modules)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    # THEN the user's customisation ran and Celery was not imported
+    assert out.stdout.split() == ["True", "False"]
+    assert out.stderr == ""

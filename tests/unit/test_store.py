@@ -1,0 +1,170 @@
+"""The store: opening safely, migrations, writes, retention."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from celery_warden._config import Retention
+from celery_warden._records import (
+    EndReason,
+    ProcessEnd,
+    ProcessInfo,
+    Role,
+    Sample,
+    TaskFinished,
+    TaskStarted,
+    TaskState,
+)
+from celery_warden.exceptions import StoreEmpty, StoreNotADatabase, StoreTooNew
+from celery_warden.store import SCHEMA_VERSION, Store, read_snapshot
+
+MASTER = ProcessInfo(10, 100, 1, Role.MASTER, 1000.0, "celery -A proj worker", 10)
+CHILD = ProcessInfo(11, 101, 10, Role.CHILD, 1000.5, "celery -A proj worker", 10)
+
+
+def _sample(info: ProcessInfo, t: float, rss: int = 50_000_000) -> Sample:
+    return Sample(info.pid, info.start_ticks, t, "sleeping", rss, 1.0, 0.5, 3, open_fds=9)
+
+
+def test_a_new_store_gets_the_current_schema_in_wal_mode(tmp_path: Path) -> None:
+    """Opening a path that does not exist creates the schema, versioned, in WAL mode."""
+    # GIVEN a path in a directory that does not exist yet
+    path = tmp_path / "deep" / "warden.db"
+    # WHEN the store is opened
+    store = Store.open(path)
+    store.close()
+    # THEN the file carries the schema version and WAL journaling
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_a_file_that_is_not_sqlite_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """A store path holding another kind of file gives StoreNotADatabase, bytes intact."""
+    # GIVEN a text file where the store should be
+    path = tmp_path / "warden.db"
+    path.write_bytes(b"my notes, not a database\n" * 100)
+    before = path.read_bytes()
+    # WHEN it is opened THEN it is refused
+    with pytest.raises(StoreNotADatabase, match="not an SQLite database"):
+        Store.open(path)
+    # AND nothing was written
+    assert path.read_bytes() == before
+
+
+def test_an_sqlite_database_of_something_else_is_refused(tmp_path: Path) -> None:
+    """A foreign SQLite database is not taken over."""
+    # GIVEN an application's own database
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (id INTEGER)")
+    conn.commit()
+    conn.close()
+    # WHEN it is opened as a store THEN it is refused
+    with pytest.raises(StoreNotADatabase, match="something else"):
+        Store.open(path)
+
+
+def test_a_store_from_a_newer_version_is_refused_untouched(tmp_path: Path) -> None:
+    """A schema newer than this version gives StoreTooNew and the data stays."""
+    # GIVEN a store written by a future version
+    path = tmp_path / "warden.db"
+    Store.open(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.execute(
+        "INSERT INTO sessions (mode, command, hostname, boot_id, warden_pid,"
+        " interval_seconds, started_at) VALUES ('run', 'x', 'h', 'b', 1, 1.0, 1.0)"
+    )
+    conn.commit()
+    conn.close()
+    # WHEN it is opened for writing and for reading THEN both refuse
+    with pytest.raises(StoreTooNew, match="upgrade celery-warden"):
+        Store.open(path)
+    with pytest.raises(StoreTooNew):
+        Store.open(path, readonly=True)
+    # AND the row is still there
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM sessions").fetchone()[0] == 1
+    conn.close()
+
+
+def test_reading_a_store_that_does_not_exist_says_how_to_fill_it(tmp_path: Path) -> None:
+    """`report` on a missing store says to record something first."""
+    with pytest.raises(StoreEmpty, match="celery-warden run"):
+        Store.open(tmp_path / "none.db", readonly=True)
+
+
+def test_records_round_trip_into_a_snapshot(tmp_path: Path) -> None:
+    """Processes, samples, tasks and ends written by the warden read back as records."""
+    # GIVEN a session with a master, a child, samples and tasks
+    store = Store.open(tmp_path / "warden.db")
+    session = store.begin_session("run", "celery -A proj worker", 1.0)
+    store.write(session, [MASTER, CHILD, _sample(MASTER, 1001.0), _sample(CHILD, 1001.0)])
+    store.write(
+        session,
+        [
+            TaskStarted(11, 101, "id-1", "proj.add", 1001.2),
+            TaskFinished(
+                11, 101, "id-1", "proj.add", 1001.5, 0.3, TaskState.SUCCESS, 51_000_000, 1001.2
+            ),
+            TaskStarted(11, 101, "id-2", "proj.slow", 1001.6),
+        ],
+    )
+    # WHEN the child is killed, the probe's word arriving after the sampler's
+    store.write(session, [ProcessEnd(11, 101, 1002.0, EndReason.GONE)])
+    store.write(session, [ProcessEnd(11, 101, 1002.1, EndReason.KILLED, -9)])
+    store.end_session(session, 0, 0)
+    snapshot = read_snapshot(store.connection)
+    store.close()
+    # THEN everything reads back, the specific end reason wins and the open task is lost
+    master, child = snapshot.processes
+    assert master.info == MASTER
+    assert child.info == CHILD
+    assert (child.end_reason, child.exit_code, child.ended_at) == (EndReason.KILLED, -9, 1002.0)
+    assert [t.name for t in child.tasks] == ["proj.add"]
+    assert child.tasks[0].wall_seconds == pytest.approx(0.3)
+    assert child.samples[0].open_fds == 9
+    assert snapshot.running_tasks == ()
+
+
+def test_retention_downsamples_old_samples_and_keeps_the_peak(tmp_path: Path) -> None:
+    """Raw samples past retention become 1-minute aggregates that keep the peak RSS."""
+    # GIVEN two hours of 1 Hz samples with one spike in the first hour
+    store = Store.open(tmp_path / "warden.db")
+    session = store.begin_session("run", "x", 1.0)
+    start = 1_000_020.0
+    samples = [_sample(CHILD, start + i, 50_000_000) for i in range(7200)]
+    samples[100] = _sample(CHILD, start + 100, 400_000_000)
+    store.write(session, [CHILD, *samples])
+    # WHEN retention runs with one hour of raw samples
+    store.apply_retention(start + 7200, Retention(raw_seconds=3600))
+    rows = store.connection.execute(
+        "SELECT resolution_seconds, count(*), max(COALESCE(rss_peak_bytes, rss_bytes))"
+        " FROM samples GROUP BY resolution_seconds ORDER BY 1"
+    ).fetchall()
+    store.close()
+    # THEN the last hour stays raw, the first is one row a minute, and the spike survives
+    (raw_res, raw_n, _), (agg_res, agg_n, agg_peak) = rows
+    assert (raw_res, agg_res) == (0, 60)
+    assert 3590 <= raw_n <= 3600
+    assert 59 <= agg_n <= 61
+    assert agg_peak == 400_000_000
+
+
+def test_retention_caps_the_task_rows(tmp_path: Path) -> None:
+    """Task rows beyond the cap are dropped oldest first."""
+    store = Store.open(tmp_path / "warden.db")
+    session = store.begin_session("run", "x", 1.0)
+    store.write(
+        session,
+        [TaskStarted(11, 101, f"id-{i}", "proj.add", 1000.0 + i) for i in range(50)],
+    )
+    store.apply_retention(1100.0, Retention(max_task_rows=20))
+    kept = store.connection.execute("SELECT min(task_id), count(*) FROM tasks").fetchone()
+    store.close()
+    assert kept[1] == 20
