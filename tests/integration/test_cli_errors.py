@@ -4,11 +4,9 @@ nothing stored lost."""
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from celery_warden.store import SCHEMA_VERSION, Store
@@ -93,23 +91,26 @@ def test_a_store_with_a_newer_schema_is_refused_untouched(tmp_path: Path) -> Non
     assert path.read_bytes() == before
 
 
-def test_a_read_only_store_directory() -> None:
+def test_a_read_only_store_directory(tmp_path: Path) -> None:
     """A store in a read-only directory is refused with the path, exit 1.
 
-    Root writes anywhere, so as root the CLI runs as `nobody` (through setpriv).
+    Root writes through permission bits, so as root the directory is made read-only
+    for real: a read-only bind mount in a private mount namespace.
     """
-    folder = Path(tempfile.mkdtemp(prefix="warden-ro-"))
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    argv = warden_command("run", "--store", str(folder / "w.db"), "--", "true")
+    if os.geteuid() == 0:
+        script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+        argv = ["unshare", "-m", "sh", "-c", script, "sh", str(folder), *argv]
+    else:
+        folder.chmod(0o500)
     try:
-        folder.chmod(0o555)
-        argv = warden_command("run", "--store", str(folder / "w.db"), "--", "true")
-        if os.geteuid() == 0:
-            argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
         result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=60)
-        _assert_one_line(result, 1, str(folder), "not writable")
-        assert list(folder.iterdir()) == []
     finally:
         folder.chmod(0o700)
-        shutil.rmtree(folder)
+    _assert_one_line(result, 1, str(folder), "not writable")
+    assert list(folder.iterdir()) == []
 
 
 def test_a_store_where_no_directory_can_be_made(tmp_path: Path) -> None:
