@@ -38,7 +38,13 @@ def _start(
     store = tmp_path / "warden.db"
     argv = warden_command("run", "--store", str(store), "--", *worker_command(queue))
     warden = spawn(argv, env=worker_env(broker))
-    wait_until(lambda: len(_live_children(store)) == 2, what="a master and two pool children")
+    wait_until(
+        lambda: (
+            len(_live_children(store)) == 2
+            and query(store, "SELECT 1 FROM processes WHERE role = 'master'")
+        ),
+        what="a master and two pool children",
+    )
     return warden, store
 
 

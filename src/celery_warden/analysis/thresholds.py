@@ -40,11 +40,11 @@ class AnalysisThresholds:
             about 20k slopes).
         confidence_level: Two-sided level of the slope intervals (default 0.95).
         spread_segments: Segments of the window whose medians must each rise
-            (default 4).
+            (default 6).
         spread_min_fraction: Share of the fitted rise each step between segment
             medians must reach (default 0.25); a single jump fails this.
         deceleration_ratio: The later half's slope must be at least this share of
-            the earlier half's (default 0.5); growth slowing to a stop fails this.
+            the earlier half's (default 0.6); growth slowing to a stop fails this.
         min_thread_growth: Least fitted growth of the thread count over the window
             to call a thread leak (default 5 threads).
         min_fd_growth: Least fitted growth of the open-file count over the window to

@@ -98,6 +98,18 @@ class Probe:
         except Exception:
             self.errors += 1
 
+    def on_process_init(self, **_: Any) -> None:
+        """worker_process_init: a pool child announces itself, so the warden knows every
+        child even if it lives less than one sweep (a recycle every few tasks)."""
+        try:
+            pid, ticks = self._identity()
+            with open("/proc/self/cmdline", "rb") as f:
+                argv = f.read().rstrip(b"\0").replace(b"\0", b" ")
+            cmdline = argv.decode("utf-8", "replace")[:1000]
+            self.channel.send(wire.encode("c", pid, ticks, os.getppid(), time.time(), cmdline))
+        except Exception:
+            self.errors += 1
+
     def on_task_prerun(self, task_id: str = "", task: Any = None, **_: Any) -> None:
         """task_prerun: remember when the task started and say so."""
         try:
@@ -185,6 +197,7 @@ def connect(socket_path: str) -> Probe:
     probe = Probe(Channel(socket_path))
     pairs = [
         (signals.celeryd_after_setup, probe.on_worker_ready),
+        (signals.worker_process_init, probe.on_process_init),
         (signals.task_prerun, probe.on_task_prerun),
         (signals.task_postrun, probe.on_task_postrun),
         (signals.worker_process_shutdown, probe.on_process_shutdown),

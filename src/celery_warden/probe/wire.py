@@ -9,6 +9,7 @@ the probe free of dependencies and any odd task name safe; task names are trunca
 kind   fields
 =====  ==================================================================
 ``w``  pid, start_ticks, nodename, pool, concurrency, max_tasks, max_mem_kb
+``c``  pid, start_ticks, ppid, t, cmdline                (a pool child starts)
 ``s``  pid, start_ticks, task_id, name, t_start
 ``f``  pid, start_ticks, task_id, name, t_start, t_end, wall_seconds, state, rss_bytes
 ``x``  pid, start_ticks, t, exit_code, reason, dropped
@@ -22,6 +23,8 @@ import json
 from celery_warden._records import (
     EndReason,
     ProcessEnd,
+    ProcessInfo,
+    Role,
     TaskFinished,
     TaskStarted,
     TaskState,
@@ -32,7 +35,7 @@ __all__ = ["MAX_LINE", "MAX_NAME", "Message", "decode", "encode"]
 
 MAX_NAME = 200
 MAX_LINE = 16 * 1024  # a longer line is not a probe message
-Message = WorkerInfo | TaskStarted | TaskFinished | ProcessEnd
+Message = WorkerInfo | ProcessInfo | TaskStarted | TaskFinished | ProcessEnd
 
 _STATES = {state.value: state for state in TaskState}
 _REASONS = {reason.value: reason for reason in EndReason}
@@ -82,6 +85,12 @@ def decode(data: bytes) -> tuple[Message, int]:
             None if code is None else int(code),
         )
         return end, int(dropped)
+    if kind == "c":
+        pid, ticks, ppid, t, cmdline = fields
+        child = ProcessInfo(
+            int(pid), int(ticks), int(ppid), Role.CHILD, float(t), str(cmdline), int(ppid)
+        )
+        return child, 0
     if kind == "w":
         pid, ticks, node, pool, concurrency, max_tasks, max_mem = fields
         info = WorkerInfo(

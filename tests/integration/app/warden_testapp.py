@@ -36,6 +36,14 @@ def nap(seconds: float = 0.01) -> None:
     time.sleep(seconds)
 
 
+@app.task(name="testapp.mark")
+def mark(key: str) -> None:
+    """Counts a call in Redis, so a test can see tasks run with no warden at all."""
+    import redis
+
+    redis.Redis.from_url(os.environ.get("WARDEN_TEST_REDIS", "redis://127.0.0.1:6379/14")).incr(key)
+
+
 @app.task(name="testapp.fail")
 def fail() -> None:
     """Raises."""
