@@ -61,6 +61,7 @@ class Stat:
     """The fields of ``/proc/PID/stat`` the warden uses (see proc(5))."""
 
     pid: int
+    comm: str  # the executable's name (changes on exec)
     state: str  # one letter: R S D Z T t X I
     ppid: int
     utime_ticks: int
@@ -113,11 +114,13 @@ def read_stat(pid: int) -> Stat:
     data = _read(f"{_PROC}/{pid}/stat")
     # The command name (field 2) is in parentheses and may itself hold spaces or
     # parentheses, so split after the *last* closing parenthesis.
-    rest = data[data.rfind(b")") + 2 :].split()
+    close = data.rfind(b")")
+    rest = data[close + 2 :].split()
     if not rest:
         raise Vanished(pid)
     return Stat(
         pid=pid,
+        comm=data[data.find(b"(") + 1 : close].decode("utf-8", "replace"),
         state=rest[0].decode("ascii", "replace"),
         ppid=int(rest[1]),
         utime_ticks=int(rest[11]),

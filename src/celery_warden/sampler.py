@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from celery_warden import _procs
 from celery_warden._argv import is_pool_title, is_worker_argv
@@ -51,9 +51,9 @@ class _Tracked:
     argv: list[str]
     smaps_t: float = -math.inf
     smaps_rss_bytes: int = 0
+    comm: str = ""
+    confirmed: bool = False  # command line re-read once after adoption
     exit_status: int | None = None
-    rss_bytes: int = 0
-    zombie: bool = field(default=False)
 
 
 class Sampler:
@@ -109,14 +109,11 @@ class Sampler:
         for pid, tracked in list(self._tracked.items()):
             stat = self._read_or_end(pid, tracked, now, records)
             if stat is not None:
+                self._reclassify(tracked, stat, records)
                 samples.append((tracked, stat))
         smaps_due = self._pick_smaps(now, samples)
         for tracked, stat in samples:
-            sample = self._sample(tracked, stat, now, tracked.info.pid in smaps_due)
-            if sample is None:
-                self._end(tracked, now, records)
-            else:
-                records.append(sample)
+            records.append(self._sample(tracked, stat, now, tracked.info.pid in smaps_due))
         return records
 
     def _scan_due(self, now: float) -> bool:
@@ -183,8 +180,44 @@ class Sampler:
             cmdline=" ".join(argv)[:1000],
             master_pid=master_pid,
         )
-        self._tracked[stat.pid] = _Tracked(info=info, argv=argv)
+        self._tracked[stat.pid] = _Tracked(info=info, argv=argv, comm=stat.comm)
         records.append(info)
+
+    def _reclassify(self, tracked: _Tracked, stat: _procs.Stat, records: list[Record]) -> None:
+        """Re-read the command line once after adoption and after every exec.
+
+        A process adopted between its fork and its exec shows its parent's command line;
+        and a pool child that execs something else (``os.execv`` in a task) is no longer
+        a pool child but a foreign process in the tree (RELIABILITY.md, A4). An exec
+        changes ``comm``, which every sweep reads anyway, so this costs one read per
+        process plus one per exec.
+        """
+        if tracked.confirmed and stat.comm == tracked.comm:
+            return
+        tracked.confirmed, tracked.comm = True, stat.comm
+        if stat.state == "Z":
+            return
+        try:
+            argv = _procs.read_cmdline(stat.pid)
+        except (_procs.Vanished, PermissionError):
+            return
+        if argv == tracked.argv:
+            return
+        info = tracked.info
+        role = info.role
+        if role is Role.CHILD and not is_pool_title(argv):
+            role = Role.DESCENDANT
+        tracked.argv = argv
+        tracked.info = ProcessInfo(
+            pid=info.pid,
+            start_ticks=info.start_ticks,
+            ppid=info.ppid,
+            role=role,
+            started_at=info.started_at,
+            cmdline=" ".join(argv)[:1000],
+            master_pid=info.master_pid,
+        )
+        records.append(tracked.info)
 
     def _read_or_end(
         self, pid: int, tracked: _Tracked, now: float, records: list[Record]
@@ -237,9 +270,10 @@ class Sampler:
         due.sort(key=urgency, reverse=True)
         return {tracked.info.pid for tracked, _ in due[:per_sweep]}
 
-    def _sample(
-        self, tracked: _Tracked, stat: _procs.Stat, now: float, with_smaps: bool
-    ) -> Sample | None:
+    def _sample(self, tracked: _Tracked, stat: _procs.Stat, now: float, with_smaps: bool) -> Sample:
+        """Read what the stat line does not hold. A process that is exiting loses its
+        fd table and mappings before it turns zombie: such a figure is recorded as
+        missing (``gone``), and only ``/proc/PID/stat`` decides that a process ended."""
         pid = tracked.info.pid
         missing: list[str] = []
         if stat.state == "Z":
@@ -253,7 +287,7 @@ class Sampler:
         except PermissionError:
             missing.append("open_fds:permission")
         except _procs.Vanished:
-            return None
+            missing.append("open_fds:gone")
         smaps: _procs.Smaps | None = None
         peak: int | None = None
         if with_smaps:
@@ -263,7 +297,7 @@ class Sampler:
             except PermissionError:
                 missing.append("smaps:permission")
             except _procs.Vanished:
-                return None
+                missing.append("smaps:gone")
             tracked.smaps_t, tracked.smaps_rss_bytes = now, stat.rss_bytes
         return Sample(
             pid=pid,

@@ -61,14 +61,17 @@ def fake_worker(
 
 
 def _sweep_until(
-    sampler: Sampler, predicate: Callable[[list[Record]], bool], sink: list[Record]
+    sampler: Sampler,
+    predicate: Callable[[list[Record]], bool],
+    sink: list[Record],
+    what: str = "",
 ) -> None:
     def step() -> bool:
         records = sampler.sweep()
         sink.extend(records)
         return predicate(records)
 
-    wait_until(step, timeout=20)
+    wait_until(step, timeout=20, what=what)
 
 
 def test_the_whole_tree_is_found_with_roles(fake_worker: subprocess.Popen[bytes]) -> None:
@@ -150,3 +153,51 @@ def test_a_process_outside_the_tree_is_never_tracked(
     records += sampler.sweep()
     # THEN the decoy is not in it
     assert decoy.pid not in {i.pid for i in sampler.tracked}
+
+
+EXEC_WORKER = """
+import os, time
+if os.fork() == 0:
+    time.sleep(0.5)
+    os.execv("/bin/sleep", ["sleep", "60"])
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_pool_child_that_execs_is_reclassified(
+    tmp_path: Path, spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    """A pool child that execs another program is no longer a pool child: it becomes a
+    descendant with its new command line."""
+    # GIVEN a worker whose child execs `sleep` half a second after the fork
+    script = tmp_path / "celery"
+    script.write_text(EXEC_WORKER)
+    worker = spawn(
+        [sys.executable, str(script), "-A", "proj", "worker"],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert worker.stdout is not None
+    assert worker.stdout.readline() == b"ready\n"
+    sampler = Sampler()
+    sampler.add_anchor(worker.pid)
+    records: list[Record] = []
+    # WHEN the sampler keeps sweeping
+    _sweep_until(
+        sampler,
+        lambda _: any(i.cmdline == "sleep 60" for i in sampler.tracked),
+        records,
+        "the exec to be seen",
+    )
+    # THEN the child was first a pool child, then a descendant running `sleep`
+    (child_pid,) = {
+        i.pid for i in records if isinstance(i, ProcessInfo) and i.role is not Role.MASTER
+    }
+    roles = [
+        (str(i.role), i.cmdline.split()[0])
+        for i in records
+        if isinstance(i, ProcessInfo) and i.pid == child_pid
+    ]
+    assert roles[0][0] == "child"
+    assert roles[-1] == ("descendant", "sleep")

@@ -280,8 +280,11 @@ class Store:
             )
         elif isinstance(record, ProcessInfo):
             self._conn.execute(
-                "INSERT OR IGNORE INTO processes (session_id, pid, start_ticks, ppid, master_pid,"
-                " role, cmdline, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO processes (session_id, pid, start_ticks, ppid, master_pid,"
+                " role, cmdline, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                # Seen again after an exec: the command line and the role change.
+                " ON CONFLICT (session_id, pid, start_ticks) DO UPDATE"
+                " SET role = excluded.role, cmdline = excluded.cmdline",
                 (
                     session_id,
                     record.pid,
