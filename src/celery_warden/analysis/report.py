@@ -45,6 +45,9 @@ _VERDICT_ORDER = {
 }
 
 
+_SHUTDOWN_SECONDS = 10.0  # a warm shutdown ends a worker's processes within this
+
+
 def verdict_rank(verdict: Verdict) -> int:
     """Sort key that puts the verdicts a person must act on first."""
     return _VERDICT_ORDER[verdict]
@@ -92,10 +95,10 @@ class WorkerReport:
     pool: str | None
     concurrency: int | None
     processes: int
-    children_alive: int
+    children_alive: int  # now, or when the worker stopped
     tasks_run: int
     verdict: Verdict  # the most pressing verdict among its processes
-    rss_bytes: int  # sum over live processes: what `ps` shows (double counts shared pages)
+    rss_bytes: int  # sum over live processes (as `ps` adds up: shared pages counted twice)
     uss_bytes: int | None  # sum of private memory where known: what it really holds
 
 
@@ -210,13 +213,23 @@ def _per_task_rss(tasks: Sequence[TaskFinished]) -> list[MemoryPoint]:
     ]
 
 
+def _alive_at_end(members: Sequence[ProcessReport]) -> list[ProcessReport]:
+    """The processes alive now, or, for a worker that has stopped, those that were
+    alive when it stopped (they end within seconds of each other)."""
+    alive = [p for p in members if p.ended_at is None]
+    if alive:
+        return alive
+    last = max(p.ended_at or 0.0 for p in members)
+    return [p for p in members if (p.ended_at or 0.0) >= last - _SHUTDOWN_SECONDS]
+
+
 def _workers(infos: Sequence[WorkerInfo], processes: Sequence[ProcessReport]) -> list[WorkerReport]:
     by_pid = {info.pid: info for info in infos}
     masters = sorted({p.master_pid for p in processes})
     workers = []
     for master_pid in masters:
         members = [p for p in processes if p.master_pid == master_pid]
-        alive = [p for p in members if p.ended_at is None]
+        alive = _alive_at_end(members)
         info = by_pid.get(master_pid)
         uss_known = [p.uss_bytes for p in alive if p.uss_bytes is not None]
         workers.append(

@@ -81,17 +81,18 @@ class TextReporter:
 
     def _workers(self) -> Table:
         table = Table(title="Workers", title_justify="left")
-        for column in ("verdict", "master", "node", "pool", "processes", "tasks", "RSS", "USS"):
-            table.add_column(
-                column, justify="right" if column in {"processes", "tasks"} else "left"
-            )
+        columns = ("verdict", "master", "node", "pool", "children", "processes", "tasks")
+        for column in (*columns, "RSS", "USS"):
+            numeric = column in {"children", "processes", "tasks"}
+            table.add_column(column, justify="right" if numeric else "left")
         for w in self.report.workers:
             table.add_row(
                 _verdict(w.verdict),
                 str(w.master_pid),
                 w.nodename or "-",
                 f"{w.pool or '?'} x{w.concurrency}" if w.concurrency else (w.pool or "-"),
-                f"{w.children_alive} children / {w.processes}",
+                str(w.children_alive),
+                str(w.processes),
                 f"{w.tasks_run:,}",
                 format_bytes(w.rss_bytes),
                 _size(w.uss_bytes),

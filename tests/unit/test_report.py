@@ -1,0 +1,131 @@
+"""From a stored session to the report: series choice, verdict order, JSON schema, text."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import jsonschema
+
+from celery_warden._records import (
+    EndReason,
+    ProcessHistory,
+    ProcessInfo,
+    Role,
+    Sample,
+    SessionInfo,
+    Snapshot,
+    TaskFinished,
+    TaskState,
+    Verdict,
+    WorkerInfo,
+)
+from celery_warden.analysis.report import build_report
+from celery_warden.reporters import JsonReporter, TextReporter
+
+SCHEMA = Path(__file__).parents[2] / "src/celery_warden/schemas/report-v1.schema.json"
+T0 = 1_800_000_000.0
+MB = 1024 * 1024
+SESSION = SessionInfo(1, "run", "celery -A proj worker", "host", T0, T0 + 700, 0, 1.0, 0)
+
+
+def _history(
+    info: ProcessInfo, rss: list[float], tasks: list[TaskFinished], ended: float | None = None
+) -> ProcessHistory:
+    samples = tuple(
+        Sample(info.pid, info.start_ticks, T0 + i, "sleeping", int(v), 1.0, 0.1, 4, open_fds=12)
+        for i, v in enumerate(rss)
+    )
+    reason = EndReason.EXITED if ended else None
+    return ProcessHistory(info, ended, reason, 0 if ended else None, samples, tuple(tasks))
+
+
+def _tasks(info: ProcessInfo, per_task_bytes: float, n: int = 600) -> list[TaskFinished]:
+    return [
+        TaskFinished(
+            info.pid,
+            info.start_ticks,
+            f"id-{info.pid}-{i}",
+            "proj.leaky" if per_task_bytes else "proj.clean",
+            T0 + i,
+            0.01 * (1 + i % 10),
+            TaskState.FAILURE if i % 100 == 0 else TaskState.SUCCESS,
+            int(60 * MB + per_task_bytes * i + (i % 7) * 4096),
+            T0 + i - 0.01,
+        )
+        for i in range(n)
+    ]
+
+
+def _snapshot(ended: float | None = None) -> Snapshot:
+    master = ProcessInfo(10, 100, 1, Role.MASTER, T0, "celery -A proj worker", 10)
+    leaky = ProcessInfo(11, 101, 10, Role.CHILD, T0, "celery -A proj worker", 10)
+    clean = ProcessInfo(12, 102, 10, Role.CHILD, T0, "celery -A proj worker", 10)
+    return Snapshot(
+        session=SESSION,
+        workers=(WorkerInfo(10, 100, "w1@host", "prefork", 2, None, None),),
+        processes=(
+            _history(master, [50 * MB] * 600, [], ended),
+            _history(clean, [60 * MB] * 600, _tasks(clean, 0), ended),
+            _history(leaky, [60 * MB] * 600, _tasks(leaky, 50_000), ended),
+        ),
+        running_tasks=(),
+    )
+
+
+def test_the_leaking_child_comes_first_with_its_per_task_slope() -> None:
+    """A child whose RSS after each task grows is a leak, listed before the others."""
+    # GIVEN a worker with a leaking child, a clean child and a quiet master
+    # WHEN the report is built
+    report = build_report(_snapshot())
+    # THEN the leak comes first, measured per task from the probe's readings
+    first = report.processes[0]
+    assert (first.pid, first.verdict, first.memory.metric) == (11, Verdict.LEAK, "rss")
+    assert first.memory.slope_bytes_per_task is not None
+    assert abs(first.memory.slope_bytes_per_task - 50_000) < 2_000
+    assert {p.pid: p.verdict for p in report.processes[1:]} == {
+        12: Verdict.STABLE,
+        10: Verdict.STABLE,
+    }
+    assert report.workers[0].verdict is Verdict.LEAK
+    assert report.workers[0].children_alive == 2
+
+
+def test_task_names_are_summarised_with_failures_and_percentiles() -> None:
+    """tasks[] counts calls and failures per name, with wall-time percentiles."""
+    report = build_report(_snapshot())
+    tasks = {t.name: t for t in report.tasks}
+    assert tasks["proj.leaky"].calls == 600
+    assert tasks["proj.leaky"].failures == 6
+    assert 0.01 <= tasks["proj.clean"].wall_p50_seconds <= tasks["proj.clean"].wall_p95_seconds
+
+
+def test_a_stopped_worker_reports_what_it_held_when_it_stopped() -> None:
+    """A worker whose processes all ended still shows its children and memory at the end."""
+    report = build_report(_snapshot(ended=T0 + 650))
+    worker = report.workers[0]
+    assert worker.children_alive == 2
+    assert worker.rss_bytes == 170 * MB
+
+
+def test_the_json_document_follows_its_schema() -> None:
+    """The JSON reporter's document validates against the published schema."""
+    out = io.StringIO()
+    JsonReporter.from_report(build_report(_snapshot())).render(out)
+    document = json.loads(out.getvalue())
+    jsonschema.validate(document, json.loads(SCHEMA.read_text()))
+    leak = document["processes"][0]
+    assert leak["verdict"] == "leak"
+    assert leak["evidence"]["metric"] == "rss"
+    assert leak["evidence"]["reason"]
+
+
+def test_the_text_report_puts_the_verdict_and_its_reason_first() -> None:
+    """The terminal report names the leaking process and says why."""
+    out = io.StringIO()
+    TextReporter.from_report(build_report(_snapshot())).render(out, width=140)
+    text = out.getvalue()
+    assert text.index("leak") < text.index("stable")
+    assert "child 11: grows" in text
+    assert "proj.leaky" in text
