@@ -81,6 +81,26 @@ def test_watch_attaches_to_a_running_worker_by_pid_and_by_match(
         assert _count(store, "SELECT count(*) FROM samples") >= 6
 
 
+def test_watch_ends_by_itself_when_its_worker_stops(
+    spawn: Spawn, queue: str, tmp_path: Path
+) -> None:
+    """`watch --pid` exits 0 once the worker it watches has stopped, its processes ended."""
+    # GIVEN a worker watched by PID with no time limit
+    worker = spawn(worker_command(queue), env=worker_env(BROKERS["redis"]), start_new_session=True)
+    wait_until(lambda: len(psutil.Process(worker.pid).children()) == 2, what="two children")
+    store = tmp_path / "warden.db"
+    watch = spawn(warden_command("watch", "--pid", str(worker.pid), "--store", str(store)))
+    wait_until(
+        lambda: _count(store, "SELECT count(*) FROM processes") == 3, what="the worker's tree"
+    )
+    # WHEN the worker stops
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=30)
+    # THEN the watch ends on its own and every process has its end
+    assert watch.wait(timeout=30) == 0
+    assert _count(store, "SELECT count(*) FROM processes WHERE ended_at IS NULL") == 0
+
+
 def test_celery_max_tasks_recycling_is_recorded_as_such(
     spawn: Spawn, send: Callable[..., None], broker: str, queue: str, tmp_path: Path
 ) -> None:
