@@ -22,12 +22,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import celery_warden
 from celery_warden._config import Retention, SamplerConfig
 from celery_warden._records import ProcessInfo, TaskFinished
 from celery_warden.listener import ProbeListener
 from celery_warden.probe import SITE_DIR, wire
-from celery_warden.probe._boot import SOCKET_ENV
+from celery_warden.probe._boot import PACKAGE_ENV, SOCKET_ENV
 from celery_warden.sampler import Sampler
 from celery_warden.store import Record, Store
 
@@ -85,6 +87,7 @@ class Session:
         paths = [str(SITE_DIR), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
         env["PYTHONPATH"] = os.pathsep.join(paths)
         env[SOCKET_ENV] = self.listener.path
+        env[PACKAGE_ENV] = str(Path(celery_warden.__file__).parent)
         return env
 
     def start(self) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import celery_warden
 from celery_warden._records import TaskFinished, TaskStarted, TaskState
 from celery_warden.probe import SITE_DIR, wire
 from celery_warden.probe._channel import Channel
@@ -173,3 +174,29 @@ def test_sitecustomize_hands_over_to_the_users_own(tmp_path: Path) -> None:
     # THEN the user's customisation ran and Celery was not imported
     assert out.stdout.split() == ["True", "False"]
     assert out.stderr == ""
+
+
+def test_the_probe_loads_in_a_worker_environment_without_celery_warden(tmp_path: Path) -> None:
+    """A worker whose virtualenv lacks celery-warden still loads the warden's own probe:
+    here the only thing it then misses is Celery itself, and it says so in one line."""
+    # GIVEN a bare virtualenv (no celery-warden, no Celery) and a worker-like command
+    env_dir = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    script = tmp_path / "celery"
+    script.write_text("import sys\nprint('celery_warden' in sys.modules)\n")
+    env = dict(os.environ, PYTHONPATH=str(SITE_DIR))
+    env["CELERY_WARDEN_SOCKET"] = str(tmp_path / "probe.sock")
+    env["CELERY_WARDEN_PACKAGE"] = str(Path(celery_warden.__file__).parent)
+    # WHEN it starts
+    out = subprocess.run(
+        [str(env_dir / "bin" / "python"), str(script), "-A", "proj", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    # THEN the probe package was loaded from the warden, and only Celery was missing
+    assert out.stdout.strip() == "True"
+    assert (
+        out.stderr.strip() == "celery-warden: the probe was not attached: No module named 'celery'"
+    )

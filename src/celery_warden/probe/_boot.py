@@ -12,9 +12,10 @@ import sys
 
 from celery_warden._argv import is_worker_argv
 
-__all__ = ["SOCKET_ENV", "activate"]
+__all__ = ["PACKAGE_ENV", "SOCKET_ENV", "activate"]
 
 SOCKET_ENV = "CELERY_WARDEN_SOCKET"
+PACKAGE_ENV = "CELERY_WARDEN_PACKAGE"  # the warden's own copy of this package
 
 
 def activate() -> bool:

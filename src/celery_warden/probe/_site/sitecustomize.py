@@ -3,6 +3,12 @@
 It attaches the probe (only in a Celery worker), then hands over to any
 ``sitecustomize`` the environment had before, so user customisations still run.
 A failure prints one line and never stops the worker.
+
+The probe is loaded from the warden's own copy of the package (``$CELERY_WARDEN_PACKAGE``)
+without putting the warden's site-packages on the worker's path: the worker may live in
+another virtualenv (celery-warden installed with pipx, say), and the probe must speak
+exactly the warden's wire format. The probe needs nothing but the standard library and
+the worker's own Celery.
 """
 
 import importlib.machinery
@@ -11,8 +17,25 @@ import os
 import sys
 
 
+def _load_package() -> None:
+    package_dir = os.environ.get("CELERY_WARDEN_PACKAGE")
+    if not package_dir or "celery_warden" in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(
+        "celery_warden",
+        os.path.join(package_dir, "__init__.py"),
+        submodule_search_locations=[package_dir],
+    )
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["celery_warden"] = module
+    spec.loader.exec_module(module)
+
+
 def _attach() -> None:
     try:
+        _load_package()
         from celery_warden.probe._boot import activate
 
         activate()
