@@ -15,6 +15,17 @@ __all__ = ["is_pool_title", "is_worker_argv"]
 
 _PROCTITLE_PREFIX = "[celeryd:"
 _OPTIONS_WITH_VALUE = {"-X", "-W", "-Q"}  # interpreter options that take a value
+# celery's global options that take a value (`--app=proj` needs no entry)
+_CELERY_OPTIONS_WITH_VALUE = {
+    "-A",
+    "--app",
+    "-b",
+    "--broker",
+    "--result-backend",
+    "--loader",
+    "--config",
+    "--workdir",
+}
 
 
 def _celery_program_index(argv: Sequence[str]) -> int | None:
@@ -52,15 +63,15 @@ def is_worker_argv(argv: Sequence[str]) -> bool:
     index = _celery_program_index(argv)
     if index is None:
         return False
-    # The first bare word after the program and its options is the sub-command; option
-    # values (`-A proj`) are bare words too, so look for `worker` anywhere after it,
-    # but stop at another sub-command that is not a worker.
-    rest = argv[index + 1 :]
+    # The sub-command is the first bare word after the program's own options; the
+    # values of those options are bare words too (`celery -A worker beat`, with an app
+    # module named `worker`), so they are skipped.
+    rest = iter(argv[index + 1 :])
     for word in rest:
-        if word == "worker":
-            return True
-        if word in {"beat", "flower", "shell", "inspect", "control", "call", "events", "multi"}:
-            return False
+        if word in _CELERY_OPTIONS_WITH_VALUE:
+            next(rest, None)
+        elif not word.startswith("-"):
+            return word == "worker"
     return False
 
 

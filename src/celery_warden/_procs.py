@@ -246,11 +246,11 @@ def describe_worker_pid(pid: int) -> int:
             f"PID {pid} is not a Celery worker ({shown!r}); pass the PID of a "
             "`celery ... worker` process"
         )
-    try:
+    if is_pool_title(argv):  # setproctitle'd: "[celeryd: w1@host:ForkPoolWorker-3]"
+        return stat.ppid
+    with contextlib.suppress(Vanished, PermissionError):
         if read_cmdline(stat.ppid) == argv:
             return stat.ppid
-    except (Vanished, PermissionError):
-        pass
     return pid
 
 

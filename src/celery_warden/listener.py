@@ -11,6 +11,7 @@ warden.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import selectors
 import socket
@@ -21,6 +22,8 @@ from collections.abc import Callable
 from celery_warden.probe import wire
 
 __all__ = ["ProbeListener"]
+
+log = logging.getLogger("celery_warden")
 
 _READ_SIZE = 256 * 1024
 _MAX_CLIENTS = 4096  # more pool processes than any host runs
@@ -114,12 +117,15 @@ class ProbeListener:
     def _handle(self, line: bytes) -> None:
         try:
             message, dropped = wire.decode(line)
-        except (ValueError, TypeError):
+        except Exception:  # noqa: BLE001 - any bad line (even RecursionError) is skipped
             self.malformed += 1
             return
         self.received += 1
         self.dropped_by_probes += dropped
-        self._deliver(message)
+        try:
+            self._deliver(message)
+        except Exception:
+            log.exception("could not hand over a probe message")
 
     def stop(self) -> None:
         """Stop after reading what the probes already sent."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import subprocess
 import threading
@@ -21,7 +20,7 @@ from types import FrameType
 from typing import IO
 
 from celery_warden import _procs
-from celery_warden._records import ProcessEnd, Role
+from celery_warden._records import ProcessEnd
 from celery_warden.exceptions import CommandNotFound, NoCommand, NoWorkerFound
 from celery_warden.sampler import describe_exit_status
 from celery_warden.session import Session
@@ -31,8 +30,14 @@ __all__ = ["FORWARDED_SIGNALS", "forward_to_masters", "run_workers", "watch_work
 
 log = logging.getLogger("celery_warden")
 
-# INT and TERM are Celery's warm shutdown, QUIT its cold shutdown.
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
+# INT and TERM are Celery's warm shutdown, QUIT its cold shutdown. HUP (the terminal
+# closed) becomes a warm shutdown too: the worker, in its own session, would otherwise
+# outlive its warden unwatched. Celery's own HUP (re-exec the worker) is not forwarded.
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP)
+
+
+def _forwarded(signum: int) -> int:
+    return signal.SIGTERM if signum == signal.SIGHUP else signum
 
 
 @contextlib.contextmanager
@@ -78,6 +83,14 @@ def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def check_commands(commands: Sequence[Sequence[str]]) -> None:
+    """Refuse an empty command before anything is started or stored."""
+    if not commands or not all(commands):
+        raise NoCommand(
+            "nothing to run after `--`; try `celery-warden run -- celery -A proj worker`"
+        )
+
+
 def run_workers(
     session: Session,
     commands: Sequence[Sequence[str]],
@@ -90,13 +103,10 @@ def run_workers(
     Returns the exit code of the (first) command, shell style: 128 + N when killed by
     signal N.
     """
-    if not commands or not all(commands):
-        raise NoCommand(
-            "nothing to run after `--`; try `celery-warden run -- celery -A proj worker`"
-        )
+    check_commands(commands)
     procs: list[subprocess.Popen[bytes]] = []
-    env = session.probe_environment()
     session.start()
+    env = session.probe_environment()
     try:
         for argv in commands:
             try:
@@ -111,7 +121,9 @@ def run_workers(
             session.add_anchor(proc.pid)
             log.info("started %s as PID %d", " ".join(argv), proc.pid)
         ticks = {p.pid: _procs.read_stat(p.pid).start_ticks for p in procs}
-        with _handling(FORWARDED_SIGNALS, lambda s: forward_to_masters(session, s, procs)):
+        with _handling(
+            FORWARDED_SIGNALS, lambda s: forward_to_masters(session, _forwarded(s), procs)
+        ):
             while any(p.poll() is None for p in procs):
                 time.sleep(0.1)
     except BaseException:
@@ -158,16 +170,18 @@ def resolve_masters(pids: Sequence[int], pattern: str | None) -> list[int]:
 
 def watch_workers(
     session: Session,
-    pids: Sequence[int],
+    masters: Sequence[int],
     pattern: str | None,
+    *,
+    follow: bool,
     duration_seconds: float | None = None,
 ) -> int:
-    """Sample running workers until stopped (SIGINT/SIGTERM), or for a duration.
+    """Sample the worker ``masters`` until stopped (SIGINT/SIGTERM), or for a duration.
 
-    With explicit PIDs it ends when they are all gone; by pattern it keeps looking for
-    new workers, so a restarted worker is picked up again.
+    Without ``follow`` it ends when their trees are gone; with it, it keeps looking for
+    new workers matching ``pattern``, so a restarted worker is picked up again.
     """
-    masters = resolve_masters(pids, pattern)
+    masters = list(masters)
     stop = threading.Event()
     for pid in masters:
         session.add_anchor(pid)
@@ -178,9 +192,9 @@ def watch_workers(
         while not stop.wait(0.2):
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            if pids:
-                if not any(i.role is Role.MASTER for i in session.tracked()) and _gone(masters):
-                    break
+            if not follow:
+                if session.sweeps and not session.tracked():
+                    break  # every process of the watched trees has ended
             elif time.monotonic() >= next_lookup:
                 next_lookup = time.monotonic() + session.config.rescan_seconds
                 for pid in _procs.find_worker_masters(pattern):
@@ -189,7 +203,3 @@ def watch_workers(
                         session.add_anchor(pid)
     session.stop(exit_code=0)
     return 0
-
-
-def _gone(pids: Sequence[int]) -> bool:
-    return not any(os.path.exists(f"/proc/{pid}") for pid in pids)

@@ -73,7 +73,11 @@ class Sampler:
     ) -> None:
         self.config = config or SamplerConfig()
         self._clock = clock
-        self._anchors: set[int] = set()
+        # Processes under which workers are looked for, with their start ticks and the
+        # ``comm`` they had when last looked at (None: not looked at yet): a wrapper that
+        # execs the worker (`sh -c "exec celery ..."`, a container entrypoint) keeps its
+        # PID and changes its comm.
+        self._anchors: dict[int, tuple[int, str] | None] = {}
         self._tracked: dict[int, _Tracked] = {}
         self._seen_pids: set[int] = set()
         self._last_pid = -1
@@ -84,8 +88,9 @@ class Sampler:
 
     def add_anchor(self, pid: int) -> None:
         """Watch the tree rooted at ``pid`` from the next sweep on."""
-        self._anchors.add(pid)
-        self._seen_pids.discard(pid)
+        self._anchors[pid] = None
+        # Its descendants may already have been seen (and passed over) by earlier scans.
+        self._seen_pids.clear()
         self._force_scan = True
 
     @property
@@ -134,6 +139,7 @@ class Sampler:
         """
         self._force_scan = False
         self._last_scan = now
+        self._recheck_anchors(now, records)
         pids = _procs.list_pids()
         fresh: dict[int, _procs.Stat] = {}
         for pid in pids:
@@ -146,12 +152,32 @@ class Sampler:
         self._seen_pids = set(pids)
         # Parents before children, by start time (PIDs wrap, start ticks do not).
         for stat in sorted(fresh.values(), key=lambda s: (s.start_ticks, s.pid)):
+            if stat.pid in self._tracked:
+                continue  # promoted from anchor to master just above
             if stat.pid in self._anchors:
                 self._adopt(stat, None, now, records)
             elif stat.ppid in self._tracked:
                 self._adopt(stat, self._tracked[stat.ppid], now, records)
             elif stat.ppid in self._anchors:
                 self._adopt(stat, None, now, records)
+
+    def _recheck_anchors(self, now: float, records: list[Record]) -> None:
+        """Promote an anchor to worker master once it has exec'd into one."""
+        for pid, seen in list(self._anchors.items()):
+            if pid in self._tracked:
+                continue
+            try:
+                stat = _procs.read_stat(pid)
+            except (_procs.Vanished, PermissionError):
+                del self._anchors[pid]
+                continue
+            if seen is not None:
+                if stat.start_ticks != seen[0]:  # gone, its PID reused: not ours
+                    del self._anchors[pid]
+                    continue
+                if stat.comm == seen[1]:
+                    continue
+            self._adopt(stat, None, now, records)
 
     def _adopt(
         self, stat: _procs.Stat, parent: _Tracked | None, now: float, records: list[Record]
@@ -161,9 +187,10 @@ class Sampler:
         except (_procs.Vanished, PermissionError):
             return
         if parent is None:
-            if not is_worker_argv(argv):
-                # A wrapper (sh -c, a process manager): look for the worker below it.
-                self._anchors.add(stat.pid)
+            if not is_worker_argv(argv) or is_pool_title(argv):
+                # A wrapper (sh -c, a process manager): look for the worker below it,
+                # and look at the wrapper again if it execs.
+                self._anchors[stat.pid] = (stat.start_ticks, stat.comm)
                 return
             role, master_pid = Role.MASTER, stat.pid
         elif parent.info.role is Role.MASTER and (argv == parent.argv or is_pool_title(argv)):

@@ -57,20 +57,20 @@ class Session:
         self.config = config or SamplerConfig()
         self.retention = retention or Retention()
         self.store = store
-        self.session_id = store.begin_session(mode, command, self.config.interval_seconds)
+        self.mode, self.command = mode, command
+        self.session_id = 0  # set by start()
         self.sampler = Sampler(self.config)
         self.store_errors = 0
         self.tasks_finished = 0
+        self.sweeps = 0
         self._on_task = on_task
         self._lock = threading.Lock()  # guards the sampler between its thread and callers
         self._queue: queue.SimpleQueue[list[Record] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
+        self._with_probe = with_probe
         self._private_dir: str | None = None
         self.listener: ProbeListener | None = None
-        if with_probe:
-            self._private_dir = tempfile.mkdtemp(prefix="celery-warden-")  # mode 0700
-            socket_path = os.path.join(self._private_dir, "probe.sock")
-            self.listener = ProbeListener(socket_path, self._deliver)
+        self._started = False
         self._threads = [
             threading.Thread(target=self._sample_loop, name="warden-sampler", daemon=True),
             threading.Thread(target=self._write_loop, name="warden-writer", daemon=True),
@@ -79,8 +79,9 @@ class Session:
     # -- wiring ----------------------------------------------------------------------
 
     def probe_environment(self) -> dict[str, str]:
-        """The environment for a worker started under this session: the probe attaches
-        through a ``sitecustomize`` on ``PYTHONPATH``, with no change to user code."""
+        """The environment for a worker started under this (started) session: the probe
+        attaches through a ``sitecustomize`` on ``PYTHONPATH``, with no change to user
+        code."""
         env = dict(os.environ)
         if self.listener is None:
             return env
@@ -91,7 +92,19 @@ class Session:
         return env
 
     def start(self) -> None:
-        if self.listener is not None:
+        """Record the session, open the probe's socket and start the threads.
+
+        Nothing is written or created before this, so a command that fails its checks
+        leaves no empty session and no socket behind.
+        """
+        self.session_id = self.store.begin_session(
+            self.mode, self.command, self.config.interval_seconds
+        )
+        self._started = True
+        if self._with_probe:
+            self._private_dir = tempfile.mkdtemp(prefix="celery-warden-")  # mode 0700
+            socket_path = os.path.join(self._private_dir, "probe.sock")
+            self.listener = ProbeListener(socket_path, self._deliver)
             self.listener.start()
         for thread in self._threads:
             thread.start()
@@ -107,10 +120,6 @@ class Session:
     def tracked(self) -> list[ProcessInfo]:
         with self._lock:
             return self.sampler.tracked
-
-    def record(self, records: list[Record]) -> None:
-        """Queue records for the store (from any thread)."""
-        self._queue.put(records)
 
     def _deliver(self, message: wire.Message) -> None:
         self._queue.put([message])
@@ -137,6 +146,7 @@ class Session:
         try:
             with self._lock:
                 records = self.sampler.sweep()
+                self.sweeps += 1
         except Exception:  # a sampler bug must not end supervision
             log.exception("sampler sweep failed")
             return
@@ -144,6 +154,9 @@ class Session:
             self._queue.put(records)
 
     def _write_loop(self) -> None:
+        # Retention runs at the start, every few minutes, and at the end, so short
+        # sessions (a `watch --duration` from cron) keep the store bounded too.
+        self._retain()
         last_retention = time.monotonic()
         done = False
         while not done:
@@ -157,18 +170,28 @@ class Session:
             done = any(batch is None for batch in batches)
             records = [record for batch in batches if batch is not None for record in batch]
             self._write(records)
-            if time.monotonic() - last_retention >= self.retention.every_seconds:
+            if done or time.monotonic() - last_retention >= self.retention.every_seconds:
                 last_retention = time.monotonic()
                 self._retain()
 
     def _write(self, records: list[Record]) -> None:
         if not records:
             return
-        try:
-            self.store.write(self.session_id, records)
-        except sqlite3.Error as exc:
-            self.store_errors += 1
-            log.warning("store write failed (%s); %d records lost", exc, len(records))
+        for attempt in (1, 2):
+            try:
+                self.store.write(self.session_id, records)
+            except sqlite3.OperationalError as exc:  # locked, disk full: worth one retry
+                self.store_errors += 1
+                if attempt == 2:
+                    log.warning("store write failed (%s); %d records lost", exc, len(records))
+                else:
+                    time.sleep(0.2)
+            except Exception as exc:  # noqa: BLE001 - the writer must outlive any bad record
+                self.store_errors += 1
+                log.warning("store write failed (%s); %d records lost", exc, len(records))
+                return
+            else:
+                return
 
     def _retain(self) -> None:
         try:
@@ -181,6 +204,9 @@ class Session:
 
     def stop(self, exit_code: int | None, final: list[Record] | None = None) -> None:
         """Stop sampling, flush everything to the store and close the session."""
+        if not self._started:
+            return
+        self._started = False
         self._stop.set()
         self._threads[0].join(timeout=10)
         if self.listener is not None:
@@ -192,10 +218,28 @@ class Session:
             self._queue.put(final)
         self._queue.put(None)
         self._threads[1].join(timeout=60)
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+        self._report_counters()
+        if self._threads[1].is_alive():
+            # Never share the connection with a writer still at work.
+            log.warning("the store writer did not finish in time; session left open")
+            return
         dropped = self.listener.dropped_by_probes if self.listener else 0
         try:
             self.store.end_session(self.session_id, exit_code, dropped)
         except sqlite3.Error as exc:
             log.warning("could not close the session in the store: %s", exc)
-        if self._private_dir is not None:
-            shutil.rmtree(self._private_dir, ignore_errors=True)
+
+    def _report_counters(self) -> None:
+        """Say what went wrong quietly during the session, if anything did."""
+        listener = self.listener
+        problems = {
+            "failed store writes": self.store_errors,
+            "messages the probes dropped": listener.dropped_by_probes if listener else 0,
+            "malformed probe messages": listener.malformed if listener else 0,
+            "refused probe connections": listener.refused if listener else 0,
+        }
+        for what, count in problems.items():
+            if count:
+                log.warning("%s: %d", what, count)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from celery_warden.store import SCHEMA_VERSION, Store
 from tests.integration._workers import warden_command
 
@@ -111,6 +113,30 @@ def test_a_read_only_store_directory(tmp_path: Path) -> None:
         folder.chmod(0o700)
     _assert_one_line(result, 1, str(folder), "not writable")
     assert list(folder.iterdir()) == []
+
+
+def test_a_read_only_store_file(tmp_path: Path) -> None:
+    """A store file that cannot be written (its directory can) is refused, exit 1."""
+    path = tmp_path / "w.db"
+    Store.open(path).close()
+    argv = warden_command("run", "--store", str(path), "--", "true")
+    if os.geteuid() == 0:
+        script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+        argv = ["unshare", "-m", "sh", "-c", script, "sh", str(path), *argv]
+    else:
+        path.chmod(0o400)
+    result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=60)
+    _assert_one_line(result, 1, str(path), "read-only")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_an_interval_that_is_not_a_number_of_seconds(tmp_path: Path, value: str) -> None:
+    """--interval must be a finite number of seconds in range, exit 2."""
+    result = _cli("run", "--interval", value, "--store", str(tmp_path / "w.db"), "--", "true")
+    assert result.returncode == 2
+    assert "--interval" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "w.db").exists()
 
 
 def test_a_store_where_no_directory_can_be_made(tmp_path: Path) -> None:

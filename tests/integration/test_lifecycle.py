@@ -81,6 +81,37 @@ def test_watch_attaches_to_a_running_worker_by_pid_and_by_match(
         assert _count(store, "SELECT count(*) FROM samples") >= 6
 
 
+def test_a_wrapper_that_execs_the_worker_becomes_its_master(
+    spawn: Spawn, queue: str, tmp_path: Path
+) -> None:
+    """`run -- sh -c '...; exec celery ...'` (a container entrypoint) records the exec'd
+    shell as the master, and SIGTERM reaches it, not its pool children."""
+    # GIVEN a worker started through a shell that execs it a moment later
+    store = tmp_path / "warden.db"
+    inner = " ".join(worker_command(queue))
+    argv = warden_command("run", "--store", str(store), "--", "sh", "-c", f"sleep 1; exec {inner}")
+    warden = spawn(argv, env=worker_env(BROKERS["redis"]))
+    wait_until(
+        lambda: _count(store, "SELECT count(*) FROM processes WHERE role = 'child'") == 2,
+        what="two pool children",
+    )
+    # WHEN the warden is asked to stop
+    warden.send_signal(signal.SIGTERM)
+    # THEN the worker shut down warmly, and the shell's PID was its one master
+    assert warden.wait(timeout=60) == 0
+    assert query(store, "SELECT pid FROM processes WHERE role = 'master'") == [
+        (warden_child(store),)
+    ]
+    assert _count(store, "SELECT count(*) FROM processes WHERE role = 'child'") == 2
+    assert _count(store, "SELECT count(*) FROM processes WHERE end_reason = 'killed'") == 0
+
+
+def warden_child(store: Path) -> int:
+    """The PID of the command the warden started: the parent of the pool children."""
+    (ppid,) = query(store, "SELECT DISTINCT ppid FROM processes WHERE role = 'child'")[0]
+    return int(ppid)  # type: ignore[call-overload]
+
+
 def test_watch_ends_by_itself_when_its_worker_stops(
     spawn: Spawn, queue: str, tmp_path: Path
 ) -> None:

@@ -201,3 +201,18 @@ def test_a_pool_child_that_execs_is_reclassified(
     ]
     assert roles[0][0] == "child"
     assert roles[-1] == ("descendant", "sleep")
+
+
+def test_a_worker_anchored_after_earlier_scans_is_found_whole(
+    fake_worker: subprocess.Popen[bytes],
+) -> None:
+    """A worker added to a sampler that already scanned the host (watch following new
+    workers) is found with its children, which the earlier scans had passed over."""
+    # GIVEN a sampler that has already swept the host without this worker
+    sampler = Sampler()
+    sampler.sweep()
+    # WHEN the worker is added
+    sampler.add_anchor(fake_worker.pid)
+    records: list[Record] = []
+    # THEN its whole tree is found
+    _sweep_until(sampler, lambda _: len(sampler.tracked) == 4, records, "four processes")

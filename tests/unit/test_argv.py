@@ -14,6 +14,7 @@ from celery_warden._argv import is_pool_title, is_worker_argv
         ["/venv/bin/python3", "/venv/bin/celery", "-A", "proj", "worker", "-c", "4"],
         ["python", "-m", "celery", "-A", "proj", "worker"],
         ["/usr/bin/celery", "worker", "--app", "proj"],
+        ["celery", "--app=proj", "-b", "redis://", "--workdir", "/srv", "worker", "-c", "2"],
         ["[celeryd: w1@host:MainProcess] -active- (worker -A proj)"],
     ],
 )
@@ -27,6 +28,8 @@ def test_worker_command_lines_are_recognised(argv: list[str]) -> None:
     [
         [],
         ["celery", "-A", "proj", "beat"],
+        ["celery", "-A", "worker", "beat"],
+        ["celery", "--app", "worker", "flower"],
         ["celery", "-A", "proj", "inspect", "active", "worker"],
         ["python", "worker.py"],
         ["python", "-m", "celery_warden", "run", "--", "celery", "worker"],

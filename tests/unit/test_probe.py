@@ -154,6 +154,16 @@ def test_a_pool_child_exit_says_why(receiver: Receiver, make_probe: Callable[[st
     assert dropped == 0
 
 
+def test_a_pool_child_stopped_by_a_signal_is_recorded_as_killed(
+    receiver: Receiver, make_probe: Callable[[str], Probe]
+) -> None:
+    """billiard's -(256 - signum) exit value becomes `killed` with minus the signal."""
+    probe = make_probe(receiver.path)
+    probe.on_process_shutdown(pid=os.getpid(), exitcode=-(256 - 15))
+    end, _ = wire.decode(receiver.recv())
+    assert (str(end.reason), end.exit_code) == ("killed", -15)  # type: ignore[union-attr]
+
+
 def test_sitecustomize_hands_over_to_the_users_own(tmp_path: Path) -> None:
     """The probe's sitecustomize stays out of non-worker programs and still runs the
     sitecustomize the environment already had."""

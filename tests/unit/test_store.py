@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -129,7 +130,7 @@ def test_records_round_trip_into_a_snapshot(tmp_path: Path) -> None:
     assert [t.name for t in child.tasks] == ["proj.add"]
     assert child.tasks[0].wall_seconds == pytest.approx(0.3)
     assert child.samples[0].open_fds == 9
-    assert snapshot.running_tasks == ()
+    assert [t.name for t in snapshot.running_tasks] == ["proj.slow"]  # lost with its child
 
 
 def test_retention_downsamples_old_samples_and_keeps_the_peak(tmp_path: Path) -> None:
@@ -168,3 +169,60 @@ def test_retention_caps_the_task_rows(tmp_path: Path) -> None:
     kept = store.connection.execute("SELECT min(task_id), count(*) FROM tasks").fetchone()
     store.close()
     assert kept[1] == 20
+
+
+def test_a_failed_batch_does_not_hand_its_process_id_to_another(tmp_path: Path) -> None:
+    """After a batch is rolled back, a process it announced gets its own row later and
+    no other process's samples land on it."""
+    # GIVEN a batch that fails after announcing the child
+    store = Store.open(tmp_path / "warden.db")
+    session = store.begin_session("run", "x", 1.0)
+    with pytest.raises(OverflowError):
+        store.write(session, [CHILD, _sample(CHILD, 1001.0, rss=2**64)])
+    # WHEN another process, then the child again, are written
+    store.write(session, [MASTER, _sample(MASTER, 1002.0, rss=1)])
+    store.write(session, [CHILD, _sample(CHILD, 1003.0, rss=2)])
+    snapshot = read_snapshot(store.connection)
+    store.close()
+    # THEN each process has exactly its own samples
+    rss = {p.info.pid: [s.rss_bytes for s in p.samples] for p in snapshot.processes}
+    assert rss == {MASTER.pid: [1], CHILD.pid: [2]}
+
+
+def test_two_wardens_creating_one_store_at_once_both_succeed(tmp_path: Path) -> None:
+    """Two first opens of the same new store race for the migration; both succeed."""
+    path = tmp_path / "warden.db"
+    errors: list[BaseException] = []
+
+    def open_it() -> None:
+        try:
+            Store.open(path).close()
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def test_a_path_with_uri_characters_is_read_as_given(tmp_path: Path) -> None:
+    """A store path holding `#`, `%` or `?` is opened read-only where it is."""
+    path = tmp_path / "odd#name%20?.db"
+    store = Store.open(path)
+    store.begin_session("run", "x", 1.0)
+    store.close()
+    reader = Store.open(path, readonly=True)
+    assert reader.connection.execute("SELECT count(*) FROM sessions").fetchone() == (1,)
+    reader.close()
+
+
+def test_an_empty_session_is_not_kept(tmp_path: Path) -> None:
+    """A session that saw no process is dropped when it ends."""
+    store = Store.open(tmp_path / "warden.db")
+    session = store.begin_session("run", "true", 1.0)
+    store.end_session(session, 0, 0)
+    assert store.connection.execute("SELECT count(*) FROM sessions").fetchone() == (0,)
+    store.close()

@@ -19,6 +19,8 @@ from celery_warden.exceptions import WardenError
 
 __all__ = ["cli", "main"]
 
+_verbosity = 0  # how many -v the last invocation had
+
 _EPILOG = """\b
 Examples:
   celery-warden demo                                  see it find a leak, no server needed
@@ -40,6 +42,8 @@ def cli(ctx: click.Context, verbose: int) -> None:
     tasks spawn), records every task through an in-worker probe, keeps the history in
     a local SQLite store and turns it into verdicts: leak, warming-up, stable.
     """
+    global _verbosity  # noqa: PLW0603 - main() reads it after click has returned
+    _verbosity = verbose
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="celery-warden: %(message)s", stream=sys.stderr)
     ctx.obj = Context(verbose=verbose)
@@ -55,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     >>> main(["--version"])  # doctest: +SKIP
     celery-warden, version ...
     """
-    verbose = "-vv" in (argv if argv is not None else sys.argv)
     try:
         result = cli.main(args=argv, prog_name="celery-warden", standalone_mode=False)
     except click.exceptions.Abort:
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except WardenError as exc:
-        if verbose:
+        if _verbosity > 1:
             raise
         click.echo(f"celery-warden: error: {exc}", err=True)
         return exc.exit_code

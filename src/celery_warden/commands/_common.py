@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import click
 
 from celery_warden._config import default_store_path
 
-__all__ = ["Context", "store_option"]
+__all__ = ["Context", "seconds_option", "store_option"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -36,3 +37,27 @@ def store_option(func: F) -> F:
 
 def resolve_store(path: Path | None) -> Path:
     return path if path is not None else default_store_path()
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """click's FloatRange lets NaN and infinity through; a duration must be finite."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of seconds", ctx, param)
+    return value
+
+
+def seconds_option(
+    *names: str,
+    default: float | None,
+    minimum: float,
+    help: str,
+) -> Callable[[F], F]:
+    """An option in seconds: finite, at least ``minimum``, at most a day."""
+    return click.option(
+        *names,
+        type=click.FloatRange(min=minimum, max=86400.0),
+        default=default,
+        show_default=default is not None,
+        callback=_finite,
+        help=help,
+    )

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from celery_warden._config import SamplerConfig
-from celery_warden.commands._common import resolve_store, store_option
-from celery_warden.runner import run_workers
+from celery_warden.commands._common import resolve_store, seconds_option, store_option
+from celery_warden.runner import check_commands, run_workers
 from celery_warden.session import Session
 from celery_warden.store import Store
 
@@ -21,12 +21,11 @@ __all__ = ["command"]
     context_settings={"ignore_unknown_options": True},
     epilog="\b\nExample:\n  celery-warden run --interval 2 -- celery -A proj worker -c 4",
 )
-@click.option(
+@seconds_option(
     "--interval",
     "interval_seconds",
-    type=click.FloatRange(min=0.05),
     default=1.0,
-    show_default=True,
+    minimum=0.05,
     help="Seconds between sweeps of the worker tree.",
 )
 @click.option("--no-probe", is_flag=True, help="Do not attach the in-worker probe.")
@@ -44,6 +43,7 @@ def command(
     probe attached with no change to your code). SIGINT and SIGTERM are forwarded to
     the worker's master only, so Celery's warm shutdown lets running tasks finish.
     """
+    check_commands([worker_command])
     store = Store.open(resolve_store(store_path))
     try:
         session = Session(

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from celery_warden._config import SamplerConfig
-from celery_warden.commands._common import resolve_store, store_option
+from celery_warden.commands._common import resolve_store, seconds_option, store_option
 from celery_warden.runner import resolve_masters, watch_workers
 from celery_warden.session import Session
 from celery_warden.store import Store
@@ -22,20 +22,15 @@ __all__ = ["command"]
 )
 @click.option("--pid", "pids", type=int, multiple=True, help="A worker's PID (repeatable).")
 @click.option("--match", "pattern", help="Only workers whose command line contains this.")
-@click.option(
-    "--interval",
-    "interval_seconds",
-    type=click.FloatRange(min=0.05),
-    default=1.0,
-    show_default=True,
-    help="Seconds between sweeps.",
+@seconds_option(
+    "--interval", "interval_seconds", default=1.0, minimum=0.05, help="Seconds between sweeps."
 )
-@click.option(
+@seconds_option(
     "--duration",
     "duration_seconds",
-    type=click.FloatRange(min=0),
     default=None,
-    help="Stop after this many seconds (default: until Ctrl-C).",
+    minimum=0.0,
+    help="Stop after this many seconds (default: until Ctrl-C, or the workers stop).",
 )
 @store_option
 def command(
@@ -54,7 +49,7 @@ def command(
     for pid in pids:
         if pid <= 0:
             raise click.BadParameter(f"{pid} is not a process ID", param_hint="--pid")
-    resolve_masters(pids, pattern)  # fail before touching the store
+    masters = resolve_masters(pids, pattern)  # fail before touching the store
     store = Store.open(resolve_store(store_path))
     try:
         described = " ".join(f"--pid {p}" for p in pids) or f"--match {shlex.quote(pattern or '')}"
@@ -65,6 +60,8 @@ def command(
             config=SamplerConfig(interval_seconds=interval_seconds),
             with_probe=False,
         )
-        return watch_workers(session, pids, pattern, duration_seconds)
+        return watch_workers(
+            session, masters, pattern, follow=not pids, duration_seconds=duration_seconds
+        )
     finally:
         store.close()

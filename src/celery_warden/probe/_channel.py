@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 
 __all__ = ["Channel"]
@@ -32,6 +33,7 @@ class Channel:
         self._pid = 0
         self._pending = b""
         self._retry_at = 0.0
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         if self._sock is not None:
@@ -59,7 +61,15 @@ class Channel:
         return self._sock
 
     def send(self, data: bytes) -> bool:
-        """Send one message (``data`` ends with a newline); False when it was dropped."""
+        """Send one message (``data`` ends with a newline); False when it was dropped.
+
+        Thread-safe: with ``--pool threads`` several tasks end at once, and two partial
+        writes interleaved would break the framing.
+        """
+        with self._lock:
+            return self._send(data)
+
+    def _send(self, data: bytes) -> bool:
         sock = self._socket()
         if sock is None:
             self.dropped += 1

@@ -155,21 +155,21 @@ class Probe:
         """worker_process_shutdown: a pool child leaves; say why when we can tell."""
         try:
             own_pid, ticks = self._identity()
+            reason = self._exit_reason(exitcode)
+            if exitcode is not None and exitcode < 0:
+                # billiard exits with -(256 - signum) when a signal stopped the child.
+                exitcode = -(256 + exitcode) if exitcode <= -128 else exitcode
             self.channel.send(
                 wire.encode(
-                    "x",
-                    own_pid,
-                    ticks,
-                    time.time(),
-                    exitcode,
-                    self._exit_reason(exitcode),
-                    self.channel.dropped,
+                    "x", own_pid, ticks, time.time(), exitcode, reason, self.channel.dropped
                 )
             )
         except Exception:
             self.errors += 1
 
     def _exit_reason(self, exitcode: int | None) -> str:
+        if exitcode is not None and exitcode < 0:
+            return "killed"
         if exitcode != _EX_RECYCLE:
             return "exited"
         # billiard exits with EX_RECYCLE for both limits; tell them apart by the count.

@@ -19,6 +19,7 @@ kind   fields
 from __future__ import annotations
 
 import json
+import math
 
 from celery_warden._records import (
     EndReason,
@@ -46,6 +47,23 @@ def encode(kind: str, *fields: object) -> bytes:
     return json.dumps([kind, *fields], separators=(",", ":")).encode() + b"\n"
 
 
+_MAX_INT = 2**63 - 1  # what SQLite's INTEGER holds
+
+
+def _int(value: object) -> int:
+    number: int = int(value)  # type: ignore[call-overload]
+    if not -_MAX_INT <= number <= _MAX_INT:
+        raise ValueError(f"integer out of range: {number}")
+    return number
+
+
+def _float(value: object) -> float:
+    number = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite number: {number}")
+    return number
+
+
 def decode(data: bytes) -> tuple[Message, int]:
     """Decode one message into a record and the probe's dropped-message count.
 
@@ -60,47 +78,47 @@ def decode(data: bytes) -> tuple[Message, int]:
         pid, ticks, task_id, name, t_start, t_end, wall, state, rss = fields
         return (
             TaskFinished(
-                int(pid),
-                int(ticks),
+                _int(pid),
+                _int(ticks),
                 str(task_id),
                 str(name),
-                float(t_end),
-                float(wall),
+                _float(t_end),
+                _float(wall),
                 _STATES.get(str(state).lower(), TaskState.FAILURE),
-                None if rss is None else int(rss),
-                float(t_start),
+                None if rss is None else _int(rss),
+                _float(t_start),
             ),
             0,
         )
     if kind == "s":
         pid, ticks, task_id, name, t_start = fields
-        return TaskStarted(int(pid), int(ticks), str(task_id), str(name), float(t_start)), 0
+        return TaskStarted(_int(pid), _int(ticks), str(task_id), str(name), _float(t_start)), 0
     if kind == "x":
         pid, ticks, t, code, reason, dropped = fields
         end = ProcessEnd(
-            int(pid),
-            int(ticks),
-            float(t),
+            _int(pid),
+            _int(ticks),
+            _float(t),
             _REASONS.get(str(reason), EndReason.EXITED),
-            None if code is None else int(code),
+            None if code is None else _int(code),
         )
-        return end, int(dropped)
+        return end, _int(dropped)
     if kind == "c":
         pid, ticks, ppid, t, cmdline = fields
         child = ProcessInfo(
-            int(pid), int(ticks), int(ppid), Role.CHILD, float(t), str(cmdline), int(ppid)
+            _int(pid), _int(ticks), _int(ppid), Role.CHILD, _float(t), str(cmdline), _int(ppid)
         )
         return child, 0
     if kind == "w":
         pid, ticks, node, pool, concurrency, max_tasks, max_mem = fields
         info = WorkerInfo(
-            int(pid),
-            int(ticks),
+            _int(pid),
+            _int(ticks),
             str(node),
             str(pool),
-            int(concurrency),
-            None if max_tasks is None else int(max_tasks),
-            None if max_mem is None else int(max_mem),
+            _int(concurrency),
+            None if max_tasks is None else _int(max_tasks),
+            None if max_mem is None else _int(max_mem),
         )
         return info, 0
     raise ValueError(f"unknown message kind {kind!r}")

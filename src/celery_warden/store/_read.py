@@ -40,14 +40,22 @@ def _session(row: tuple[object, ...]) -> SessionInfo:
 
 def list_sessions(conn: sqlite3.Connection) -> list[SessionInfo]:
     """Every recorded session, newest first."""
-    rows = conn.execute(_NEWEST_FIRST).fetchall()
+    try:
+        rows = conn.execute(_NEWEST_FIRST).fetchall()
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"cannot read the store: {exc}") from None
     return [_session(row) for row in rows]
 
 
 def read_snapshot(conn: sqlite3.Connection, session_id: int | None = None) -> Snapshot:
     """Read one session (the newest when ``session_id`` is None)."""
     try:
-        return _read_snapshot(conn, session_id)
+        # One read transaction: the warden may commit (or apply retention) meanwhile.
+        conn.execute("BEGIN")
+        try:
+            return _read_snapshot(conn, session_id)
+        finally:
+            conn.execute("COMMIT")
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"cannot read the store: {exc}") from None
 
@@ -114,9 +122,8 @@ def _read_tasks(
         " rss_after_bytes FROM tasks WHERE session_id = ? ORDER BY COALESCE(ended_at, started_at)",
         (session_id,),
     ):
-        if ended is None:
-            if state == TaskState.STARTED:
-                running.append(TaskStarted(pid, ticks, task_id, name, started))
+        if ended is None:  # still running, or lost with its process
+            running.append(TaskStarted(pid, ticks, task_id, name, started))
             continue
         finished[(pid, ticks)].append(
             TaskFinished(pid, ticks, task_id, name, ended, wall, TaskState(state), rss, started)

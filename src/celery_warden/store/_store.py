@@ -60,7 +60,9 @@ class Store:
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
         self.path = path
+        # (session, pid, start_ticks) -> processes.id, for the processes alive now.
         self._process_ids: dict[tuple[int, int, int], int] = {}
+        self._staged: dict[tuple[int, int, int], int] = {}
 
     # -- opening ---------------------------------------------------------------------
 
@@ -78,7 +80,8 @@ class Store:
                     f"no store at {path}; record something first with "
                     "`celery-warden run -- celery -A proj worker` or `celery-warden demo`"
                 )
-            conn = cls._connect(f"file:{path}?mode=ro", path, uri=True)
+            # as_uri() escapes what a URI would misread in a path (`#`, `%`, `?`).
+            conn = cls._connect(f"{path.resolve().as_uri()}?mode=ro", path, uri=True)
         else:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +94,10 @@ class Store:
                 raise StoreNotWritable(
                     f"the store's directory {path.parent} is not writable; "
                     "pass --store with a writable path"
+                )
+            if path.exists() and not os.access(path, os.W_OK):
+                raise StoreNotWritable(
+                    f"the store {path} is read-only; pass --store with a writable path"
                 )
             conn = cls._connect(str(path), path, uri=False)
         store = cls(conn, path)
@@ -114,9 +121,15 @@ class Store:
 
     def _check_and_migrate(self, *, readonly: bool) -> None:
         try:
-            version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
-            # user_version reads the header only; make SQLite parse the schema too.
-            self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            # One read transaction, so that the version and the tables are seen at the
+            # same moment even while another warden is creating the schema.
+            self._conn.execute("BEGIN")
+            try:
+                version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+                # user_version reads the header only; make SQLite parse the schema too.
+                tables = int(self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0])
+            finally:
+                self._conn.execute("ROLLBACK")
         except sqlite3.DatabaseError as exc:
             if "not a database" in str(exc) or "malformed" in str(exc):
                 raise StoreNotADatabase(
@@ -129,7 +142,7 @@ class Store:
                 f"the store {self.path} has schema version {version}, newer than this "
                 f"celery-warden understands ({SCHEMA_VERSION}); upgrade celery-warden"
             )
-        if version == 0 and not readonly and self._has_foreign_tables():
+        if version == 0 and not readonly and tables:
             raise StoreNotADatabase(
                 f"{self.path} is an SQLite database of something else; "
                 "pass --store with another path"
@@ -139,14 +152,18 @@ class Store:
                 raise StoreEmpty(f"the store {self.path} holds nothing yet")
             return
         try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-            if version < SCHEMA_VERSION:
-                with self._transaction():
-                    for statements in MIGRATIONS[version:]:
-                        for statement in statements:
-                            self._conn.execute(statement)
+            self._switch_to_wal()
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            # Taking the write lock first proves the file is writable, and makes two
+            # wardens opening a new store at once migrate it once: the second re-reads
+            # the version under the lock and finds nothing to do.
+            with self._transaction():
+                version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+                for statements in MIGRATIONS[version:]:
+                    for statement in statements:
+                        self._conn.execute(statement)
+                if version < SCHEMA_VERSION:
                     self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.OperationalError as exc:
             if "readonly" in str(exc) or "read-only" in str(exc):
@@ -155,8 +172,18 @@ class Store:
                 ) from None
             raise StoreError(f"cannot prepare the store {self.path}: {exc}") from None
 
-    def _has_foreign_tables(self) -> bool:
-        return bool(self._conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone())
+    def _switch_to_wal(self) -> None:
+        # Changing the journal mode needs the database to itself and SQLite answers
+        # "locked" at once rather than waiting, so two wardens opening a new store
+        # together retry for up to a second.
+        for attempt in range(20):
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 19:
+                    raise
+                time.sleep(0.05)
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -181,6 +208,14 @@ class Store:
 
     def begin_session(self, mode: str, command: str, interval_seconds: float) -> int:
         """Record the start of a warden run and return its id."""
+        try:
+            return self._insert_session(mode, command, interval_seconds)
+        except sqlite3.OperationalError as exc:
+            raise StoreNotWritable(
+                f"cannot write the store {self.path} ({exc}); pass --store with a writable path"
+            ) from None
+
+    def _insert_session(self, mode: str, command: str, interval_seconds: float) -> int:
         with self._transaction():
             cursor = self._conn.execute(
                 "INSERT INTO sessions (mode, command, hostname, boot_id, warden_pid,"
@@ -199,9 +234,19 @@ class Store:
         return cursor.lastrowid
 
     def end_session(self, session_id: int, exit_code: int | None, probe_dropped: int) -> None:
-        """Record the end of a warden run; processes still open end as ``unknown``."""
+        """Record the end of a warden run. A session that saw no process at all (its
+        command never started a worker) is dropped rather than kept as an empty row
+        that `report` would show instead of the last real one."""
         now = time.time()
         with self._transaction():
+            seen = self._conn.execute(
+                "SELECT 1 FROM processes WHERE session_id = ? LIMIT 1", (session_id,)
+            ).fetchone()
+            if seen is None:
+                self._conn.execute("DELETE FROM workers WHERE session_id = ?", (session_id,))
+                self._conn.execute("DELETE FROM tasks WHERE session_id = ?", (session_id,))
+                self._conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+                return
             self._conn.execute(
                 "UPDATE sessions SET ended_at = ?, exit_code = ?, probe_dropped = ? WHERE id = ?",
                 (now, exit_code, probe_dropped, session_id),
@@ -218,13 +263,28 @@ class Store:
 
     def write(self, session_id: int, records: Iterable[Record]) -> None:
         """Write a batch of records in one transaction."""
+        self._staged.clear()
         with self._transaction():
             for record in records:
                 self._write_one(session_id, record)
+        # Only ids that were committed may be remembered: a rolled-back insert's rowid
+        # is handed to the next process.
+        self._process_ids.update(self._staged)
+
+    def _process_id(self, key: tuple[int, int, int]) -> int | None:
+        found = self._staged.get(key) or self._process_ids.get(key)
+        if found is None:
+            row = self._conn.execute(
+                "SELECT id FROM processes WHERE session_id = ? AND pid = ? AND start_ticks = ?",
+                key,
+            ).fetchone()
+            if row is not None:
+                found = self._staged[key] = int(row[0])
+        return found
 
     def _write_one(self, session_id: int, record: Record) -> None:
         if isinstance(record, Sample):
-            process_id = self._process_ids.get((session_id, record.pid, record.start_ticks))
+            process_id = self._process_id((session_id, record.pid, record.start_ticks))
             if process_id is None:
                 return  # a process never announced: nothing to attach the sample to
             self._conn.execute(
@@ -300,8 +360,9 @@ class Store:
                 "SELECT id FROM processes WHERE session_id = ? AND pid = ? AND start_ticks = ?",
                 (session_id, record.pid, record.start_ticks),
             ).fetchone()
-            self._process_ids[(session_id, record.pid, record.start_ticks)] = int(row[0])
+            self._staged[(session_id, record.pid, record.start_ticks)] = int(row[0])
         elif isinstance(record, ProcessEnd):
+            self._process_ids.pop((session_id, record.pid, record.start_ticks), None)
             # The probe's word (an exit code, a recycle) beats the sampler's "gone", in
             # whichever order the two arrive.
             self._conn.execute(
@@ -356,6 +417,26 @@ class Store:
             self._conn.execute(
                 "DELETE FROM tasks WHERE id <= (SELECT max(id) - ? FROM tasks)",
                 (retention.max_task_rows,),
+            )
+            # Lives and sessions go once nothing refers to them any more.
+            cutoff = now - retention.quarter_seconds
+            self._conn.execute(
+                "DELETE FROM processes WHERE ended_at < ?"
+                " AND NOT EXISTS (SELECT 1 FROM samples s WHERE s.process_id = processes.id)"
+                " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.session_id = processes.session_id"
+                " AND t.pid = processes.pid AND t.start_ticks = processes.start_ticks)",
+                (cutoff,),
+            )
+            self._conn.execute(
+                "DELETE FROM workers WHERE session_id IN (SELECT id FROM sessions"
+                " WHERE ended_at < ? AND NOT EXISTS (SELECT 1 FROM processes p"
+                " WHERE p.session_id = sessions.id))",
+                (cutoff,),
+            )
+            self._conn.execute(
+                "DELETE FROM sessions WHERE ended_at < ? AND NOT EXISTS"
+                " (SELECT 1 FROM processes p WHERE p.session_id = sessions.id)",
+                (cutoff,),
             )
 
     def _downsample(self, below: float, width: float, cutoff: float) -> None:

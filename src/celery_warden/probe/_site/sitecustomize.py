@@ -33,7 +33,18 @@ def _load_package() -> None:
     spec.loader.exec_module(module)
 
 
+def _may_be_a_worker() -> bool:
+    """A cheap first look, before anything is imported: Python programs that tasks
+    spawn inherit this environment and must not pay for (or see) the probe."""
+    if not os.environ.get("CELERY_WARDEN_SOCKET"):
+        return False
+    argv = getattr(sys, "orig_argv", sys.argv)
+    return "worker" in argv and any("celery" in arg for arg in argv[:4])
+
+
 def _attach() -> None:
+    if not _may_be_a_worker():
+        return
     try:
         _load_package()
         from celery_warden.probe._boot import activate
