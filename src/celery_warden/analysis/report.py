@@ -144,6 +144,8 @@ def _assess_process(history: ProcessHistory, thresholds: AnalysisThresholds) -> 
         ("thread-leak", [(s.t, s.threads) for s in samples]),
         ("fd-leak", [(s.t, s.open_fds) for s in samples if s.open_fds is not None]),
     ):
+        if len({v for _, v in values}) < 2:
+            continue  # a count that never moved cannot leak: skip the fit
         finding = assess_count_growth(
             kind, [MemoryPoint(t, float(v), done_by(t)) for t, v in values], thresholds
         )

@@ -132,32 +132,48 @@ def _read_tasks(
 
 
 def _read_samples(conn: sqlite3.Connection, session_id: int) -> dict[int, list[Sample]]:
+    identity = {
+        row[0]: (row[1], row[2])
+        for row in conn.execute(
+            "SELECT id, pid, start_ticks FROM processes WHERE session_id = ?", (session_id,)
+        )
+    }
     by_process: dict[int, list[Sample]] = defaultdict(list)
+    # In table order, then sorted per process in Python: an ORDER BY over the join
+    # makes SQLite sort every row in a temporary B-tree (docs/benchmarks.md).
     for r in conn.execute(
-        "SELECT s.process_id, p.pid, p.start_ticks, s.t, s.state, s.rss_bytes,"
-        " s.cpu_user_seconds, s.cpu_system_seconds, s.threads, s.open_fds, s.uss_bytes,"
-        " s.pss_bytes, s.swap_bytes, s.shared_bytes, s.missing, s.rss_peak_bytes"
-        " FROM samples s JOIN processes p ON p.id = s.process_id"
-        " WHERE p.session_id = ? ORDER BY s.process_id, s.t",
+        "SELECT process_id, t, COALESCE(state, ''), COALESCE(rss_bytes, 0),"
+        " COALESCE(cpu_user_seconds, 0.0), COALESCE(cpu_system_seconds, 0.0),"
+        " COALESCE(threads, 0), open_fds, uss_bytes, pss_bytes, swap_bytes, shared_bytes,"
+        " rss_peak_bytes, missing FROM samples"
+        " WHERE process_id IN (SELECT id FROM processes WHERE session_id = ?)",
         (session_id,),
     ):
+        pid, ticks = identity[r[0]]
+        missing = tuple(r[13].split(",")) if r[13] else ()
         by_process[r[0]].append(
             Sample(
-                pid=r[1],
-                start_ticks=r[2],
-                t=r[3],
-                state=r[4] or "",
-                rss_bytes=r[5] or 0,
-                cpu_user_seconds=r[6] or 0.0,
-                cpu_system_seconds=r[7] or 0.0,
-                threads=r[8] or 0,
-                open_fds=r[9],
-                uss_bytes=r[10],
-                pss_bytes=r[11],
-                swap_bytes=r[12],
-                shared_bytes=r[13],
-                missing=tuple(r[14].split(",")) if r[14] else (),
-                rss_peak_bytes=r[15],
+                pid,
+                ticks,
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6],
+                open_fds=r[7],
+                uss_bytes=r[8],
+                pss_bytes=r[9],
+                swap_bytes=r[10],
+                shared_bytes=r[11],
+                rss_peak_bytes=r[12],
+                missing=missing,
             )
         )
+    for samples in by_process.values():
+        samples.sort(key=_by_time)
     return by_process
+
+
+def _by_time(sample: Sample) -> float:
+    return sample.t

@@ -39,6 +39,32 @@ Record = ProcessInfo | Sample | ProcessEnd | WorkerInfo | TaskStarted | TaskFini
 
 _BUSY_TIMEOUT_MS = 1000  # no write may hold the sampler's pipeline longer than this
 
+_AGGREGATE = (
+    "INSERT INTO samples (process_id, t, resolution_seconds, rss_bytes, rss_peak_bytes,"
+    " cpu_user_seconds, cpu_system_seconds, threads, open_fds, uss_bytes, pss_bytes,"
+    " swap_bytes, shared_bytes)"
+    " SELECT process_id, max(t), ?, CAST(avg(rss_bytes) AS INTEGER),"
+    " max(COALESCE(rss_peak_bytes, rss_bytes)), max(cpu_user_seconds),"
+    " max(cpu_system_seconds), max(threads), max(open_fds),"
+    " CAST(avg(uss_bytes) AS INTEGER), CAST(avg(pss_bytes) AS INTEGER),"
+    " CAST(avg(swap_bytes) AS INTEGER), CAST(avg(shared_bytes) AS INTEGER)"
+    " FROM samples WHERE "
+)
+_GROUP = " AND t < ? GROUP BY process_id, CAST(t / ? AS INTEGER)"
+# Bucket width -> (aggregate, delete) for the finer rows older than the cutoff. The
+# resolutions are listed (IN), not compared (<=), so SQLite seeks samples_by_age for
+# each one instead of scanning and sorting the whole table (docs/benchmarks.md).
+_DOWNSAMPLE = {
+    60: (
+        _AGGREGATE + "resolution_seconds IN (0)" + _GROUP,
+        "DELETE FROM samples WHERE resolution_seconds IN (0) AND t < ?",
+    ),
+    900: (
+        _AGGREGATE + "resolution_seconds IN (0, 60)" + _GROUP,
+        "DELETE FROM samples WHERE resolution_seconds IN (0, 60) AND t < ?",
+    ),
+}
+
 
 def _boot_id() -> str:
     try:
@@ -406,10 +432,11 @@ class Store:
     def apply_retention(self, now: float, retention: Retention) -> None:
         """Downsample old samples and drop what is past retention (docs/store.md)."""
         with self._transaction():
-            self._downsample(0, 60, now - retention.raw_seconds)
-            self._downsample(60, 900, now - retention.minute_seconds)
+            self._downsample(60, now - retention.raw_seconds)
+            self._downsample(900, now - retention.minute_seconds)
             self._conn.execute(
-                "DELETE FROM samples WHERE t < ?", (now - retention.quarter_seconds,)
+                "DELETE FROM samples WHERE resolution_seconds IN (0, 60, 900) AND t < ?",
+                (now - retention.quarter_seconds,),
             )
             self._conn.execute(
                 "DELETE FROM tasks WHERE started_at < ?", (now - retention.task_seconds,)
@@ -439,21 +466,8 @@ class Store:
                 (cutoff,),
             )
 
-    def _downsample(self, below: float, width: float, cutoff: float) -> None:
+    def _downsample(self, width: int, cutoff: float) -> None:
         cutoff = (cutoff // width) * width  # whole buckets only
-        self._conn.execute(
-            "INSERT INTO samples (process_id, t, resolution_seconds, rss_bytes, rss_peak_bytes,"
-            " cpu_user_seconds, cpu_system_seconds, threads, open_fds, uss_bytes, pss_bytes,"
-            " swap_bytes, shared_bytes)"
-            " SELECT process_id, max(t), ?, CAST(avg(rss_bytes) AS INTEGER),"
-            " max(COALESCE(rss_peak_bytes, rss_bytes)), max(cpu_user_seconds),"
-            " max(cpu_system_seconds), max(threads), max(open_fds),"
-            " CAST(avg(uss_bytes) AS INTEGER), CAST(avg(pss_bytes) AS INTEGER),"
-            " CAST(avg(swap_bytes) AS INTEGER), CAST(avg(shared_bytes) AS INTEGER)"
-            " FROM samples WHERE resolution_seconds <= ? AND t < ?"
-            " GROUP BY process_id, CAST(t / ? AS INTEGER)",
-            (width, below, cutoff, width),
-        )
-        self._conn.execute(
-            "DELETE FROM samples WHERE resolution_seconds <= ? AND t < ?", (below, cutoff)
-        )
+        insert, delete = _DOWNSAMPLE[width]
+        self._conn.execute(insert, (width, cutoff, width))
+        self._conn.execute(delete, (cutoff,))
