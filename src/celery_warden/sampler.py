@@ -193,6 +193,10 @@ class Sampler:
                 self._anchors[stat.pid] = (stat.start_ticks, stat.comm)
                 return
             role, master_pid = Role.MASTER, stat.pid
+        elif parent.info.role is Role.MASTER and not argv:
+            # Read in the instant after fork, before the kernel fills the command line
+            # in: a pool child until the re-read of the next sweep says otherwise.
+            role, master_pid, argv = Role.CHILD, parent.info.pid, parent.argv
         elif parent.info.role is Role.MASTER and (argv == parent.argv or is_pool_title(argv)):
             # A pool child is forked without exec: same command line as its master.
             role, master_pid = Role.CHILD, parent.info.pid

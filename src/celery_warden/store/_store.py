@@ -370,7 +370,8 @@ class Store:
                 " role, cmdline, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                 # Seen again after an exec: the command line and the role change.
                 " ON CONFLICT (session_id, pid, start_ticks) DO UPDATE"
-                " SET role = excluded.role, cmdline = excluded.cmdline",
+                " SET role = excluded.role, cmdline = excluded.cmdline"
+                " WHERE excluded.cmdline != ''",
                 (
                     session_id,
                     record.pid,
