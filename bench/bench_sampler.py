@@ -218,7 +218,7 @@ def per_call(tree: WorkerTree, repeat: int = 20) -> list[tuple[str, float]]:
         ("/proc/PID/stat, open().read() only", lambda: [_open_read(p, "stat") for p in pids]),
         ("/proc/PID/stat, os.open+os.read only", lambda: [_os_read(p, "stat") for p in pids]),
         ("/proc/PID/statm, os.open+os.read only", lambda: [_os_read(p, "statm") for p in pids]),
-        ("_procs.count_open_fds (listdir fd)", lambda: [_procs.count_open_fds(p) for p in pids]),
+        ("_procs.count_open_fds (stat of fd/)", lambda: [_procs.count_open_fds(p) for p in pids]),
         ("os.stat(/proc/PID/fd).st_size", lambda: [_stat_fd_dir(p) for p in pids]),
         ("_procs.read_smaps (smaps_rollup)", lambda: [_procs.read_smaps(p) for p in pids]),
         ("_procs.read_peak_rss (status)", lambda: [_procs.read_peak_rss(p) for p in pids]),

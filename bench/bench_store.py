@@ -31,7 +31,7 @@ its peak RSS), and, on the retained store, ``celery-warden report`` end to end a
 subprocess in both formats (``--raw-cli`` runs it on the raw store too, about two
 more minutes each). The store files' sizes are compared.
 
-Run: ``python bench/bench_store.py`` (about 6 minutes; ``--hours 2`` for a quick look,
+Run: ``python bench/bench_store.py`` (about 4 minutes; ``--hours 2`` for a quick look,
 ``--only ingest``, ``--only retention`` or ``--only report``).
 """
 

@@ -140,15 +140,16 @@ def _assess_process(history: ProcessHistory, thresholds: AnalysisThresholds) -> 
     metric, points = _memory_series(history, done_by, thresholds)
     memory = assess_memory(points, metric, thresholds)
     growth = []
-    for kind, values in (
-        ("thread-leak", [(s.t, s.threads) for s in samples]),
-        ("fd-leak", [(s.t, s.open_fds) for s in samples if s.open_fds is not None]),
-    ):
-        if len({v for _, v in values}) < 2:
+    for kind, field in (("thread-leak", "threads"), ("fd-leak", "open_fds")):
+        values = {getattr(s, field) for s in samples} - {None}
+        if len(values) < 2:
             continue  # a count that never moved cannot leak: skip the fit
-        finding = assess_count_growth(
-            kind, [MemoryPoint(t, float(v), done_by(t)) for t, v in values], thresholds
-        )
+        points = [
+            MemoryPoint(s.t, float(v), done_by(s.t))
+            for s in samples
+            if (v := getattr(s, field)) is not None
+        ]
+        finding = assess_count_growth(kind, points, thresholds)
         if finding is not None:
             growth.append(finding)
     last = samples[-1] if samples else None

@@ -146,30 +146,14 @@ def _read_samples(conn: sqlite3.Connection, session_id: int) -> dict[int, list[S
         " COALESCE(cpu_user_seconds, 0.0), COALESCE(cpu_system_seconds, 0.0),"
         " COALESCE(threads, 0), open_fds, uss_bytes, pss_bytes, swap_bytes, shared_bytes,"
         " rss_peak_bytes, missing FROM samples"
-        " WHERE process_id IN (SELECT id FROM processes WHERE session_id = ?)",
+        # `+process_id`: no index for this filter, a plain scan is faster than
+        # fetching every row through samples_by_process.
+        " WHERE +process_id IN (SELECT id FROM processes WHERE session_id = ?)",
         (session_id,),
     ):
         pid, ticks = identity[r[0]]
         missing = tuple(r[13].split(",")) if r[13] else ()
-        by_process[r[0]].append(
-            Sample(
-                pid,
-                ticks,
-                r[1],
-                r[2],
-                r[3],
-                r[4],
-                r[5],
-                r[6],
-                open_fds=r[7],
-                uss_bytes=r[8],
-                pss_bytes=r[9],
-                swap_bytes=r[10],
-                shared_bytes=r[11],
-                rss_peak_bytes=r[12],
-                missing=missing,
-            )
-        )
+        by_process[r[0]].append(Sample._make((pid, ticks, *r[1:13], missing)))
     for samples in by_process.values():
         samples.sort(key=_by_time)
     return by_process
