@@ -104,7 +104,7 @@ def _read(path: str) -> bytes:
     # cost of a /proc read (about 10 us instead of 20 here, docs/benchmarks.md).
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ProcessLookupError) as exc:  # ESRCH: it is exiting
         raise Vanished(path) from exc
     try:
         chunks = []
@@ -149,7 +149,7 @@ def count_open_fds(pid: int) -> int:
         # listing, 4 us instead of 15. Older kernels say 0: list it then.
         count = os.stat(path).st_size
         return count if count > 0 else len(os.listdir(path))
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ProcessLookupError) as exc:
         raise Vanished(pid) from exc
 
 

@@ -81,11 +81,18 @@ def test_the_whole_tree_is_found_with_roles(fake_worker: subprocess.Popen[bytes]
     sampler = Sampler()
     sampler.add_anchor(fake_worker.pid)
     records: list[Record] = []
-    # WHEN it sweeps until it tracks four processes
-    _sweep_until(sampler, lambda _: len(sampler.tracked) == 4, records)
+    # WHEN it sweeps until it tracks four processes, the task's one after its exec
+    _sweep_until(
+        sampler,
+        lambda _: (
+            len(sampler.tracked) == 4 and any(i.cmdline == "sleep 120" for i in sampler.tracked)
+        ),
+        records,
+        "four processes",
+    )
     records += sampler.sweep()
     # THEN roles follow the tree
-    infos = [r for r in records if isinstance(r, ProcessInfo)]
+    infos = sampler.tracked
     roles = sorted(str(i.role) for i in infos)
     assert roles == ["child", "child", "descendant", "master"]
     assert all(i.master_pid == fake_worker.pid for i in infos)
