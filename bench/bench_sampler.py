@@ -259,10 +259,10 @@ def measure(children: int, args: argparse.Namespace) -> SizeResult:
     with worker_tree(children, args.mb_min, args.mb_max) as tree:
         n = len(tree.pids)
         fast = SamplerRun(tree, FAST_ONLY)
-        fast.warm_up(math.ceil(n / FAST_ONLY.smaps_max_per_sweep) + 3, 0.0)
+        fast.warm_up(math.ceil(n / FAST_ONLY.smaps_min_per_sweep) + 3, 0.0)
         full = SamplerRun(tree, SamplerConfig())
         cycle = int(full.config.smaps_max_age_seconds / full.config.interval_seconds)
-        full.warm_up(cycle + math.ceil(n / full.config.smaps_max_per_sweep), 0.0)
+        full.warm_up(cycle + math.ceil(n / full.config.smaps_min_per_sweep), 0.0)
         ps_fast, naive = PsutilRun(tree, _psutil_fast), PsutilRun(tree, _psutil_full)
         naive.measure(1, args.pause)  # warm up psutil too
         naive.result = Measured(max_uss_gap=1.0)

@@ -39,7 +39,7 @@ class SamplerConfig:
     interval_seconds: float = 1.0
     smaps_max_age_seconds: float = 30.0
     smaps_rss_change_fraction: float = 0.05
-    smaps_max_per_sweep: int = 8
+    smaps_min_per_sweep: int = 8
     # A full /proc scan finds new descendants; it is skipped while the kernel's last
     # allocated PID (/proc/loadavg) has not moved, and forced this often regardless.
     rescan_seconds: float = 10.0

@@ -285,7 +285,7 @@ class Sampler:
         if not live:
             return set()
         per_sweep = max(
-            cfg.smaps_max_per_sweep,
+            cfg.smaps_min_per_sweep,
             math.ceil(len(live) * cfg.interval_seconds / cfg.smaps_max_age_seconds),
         )
 

@@ -43,13 +43,13 @@ while True:
 """
 
 
-@pytest.fixture
-def fake_worker(
-    tmp_path: Path, spawn: Callable[..., subprocess.Popen[bytes]]
+def start_stand_in(
+    code: str, folder: Path, spawn: Callable[..., subprocess.Popen[bytes]]
 ) -> subprocess.Popen[bytes]:
-    """A running stand-in worker tree, reaped after the test."""
-    script = tmp_path / "celery"
-    script.write_text(FAKE_WORKER)
+    """Run ``code`` as a script named `celery` with a worker's arguments; wait until it
+    prints `ready`."""
+    script = folder / "celery"
+    script.write_text(code)
     proc = spawn(
         [sys.executable, str(script), "-A", "proj", "worker"],
         stdout=subprocess.PIPE,
@@ -58,6 +58,14 @@ def fake_worker(
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"ready\n"
     return proc
+
+
+@pytest.fixture
+def fake_worker(
+    tmp_path: Path, spawn: Callable[..., subprocess.Popen[bytes]]
+) -> subprocess.Popen[bytes]:
+    """A running stand-in worker tree, reaped after the test."""
+    return start_stand_in(FAKE_WORKER, tmp_path, spawn)
 
 
 def _sweep_until(
@@ -178,15 +186,7 @@ def test_a_pool_child_that_execs_is_reclassified(
     """A pool child that execs another program is no longer a pool child: it becomes a
     descendant with its new command line."""
     # GIVEN a worker whose child execs `sleep` half a second after the fork
-    script = tmp_path / "celery"
-    script.write_text(EXEC_WORKER)
-    worker = spawn(
-        [sys.executable, str(script), "-A", "proj", "worker"],
-        stdout=subprocess.PIPE,
-        start_new_session=True,
-    )
-    assert worker.stdout is not None
-    assert worker.stdout.readline() == b"ready\n"
+    worker = start_stand_in(EXEC_WORKER, tmp_path, spawn)
     sampler = Sampler()
     sampler.add_anchor(worker.pid)
     records: list[Record] = []

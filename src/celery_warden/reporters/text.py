@@ -60,10 +60,14 @@ class TextReporter:
             console.width = 120  # rich's 80 columns wrap every row of these tables
         r = self.report
         started = datetime.datetime.fromtimestamp(r.session.started_at).strftime("%Y-%m-%d %H:%M")
-        length = (r.session.ended_at or r.session.started_at) - r.session.started_at
+        if r.session.ended_at is None:
+            # Still recording, or its warden was killed before it could close it.
+            span = "not closed (still recording, or its warden was stopped abruptly)"
+        else:
+            span = format_duration(r.session.ended_at - r.session.started_at)
         console.print(
             f"[bold]celery-warden[/] session {r.session.id} ({r.session.mode}) on "
-            f"{r.session.hostname}, {started}, {format_duration(length)}: {r.session.command}"
+            f"{r.session.hostname}, {started}, {span}: {r.session.command}"
         )
         if not r.processes:
             console.print("No worker process was seen in this session.")
