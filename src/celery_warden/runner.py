@@ -20,9 +20,8 @@ from types import FrameType
 from typing import IO
 
 from celery_warden import _procs
-from celery_warden._records import ProcessEnd
+from celery_warden._records import EndReason, ProcessEnd
 from celery_warden.exceptions import CommandNotFound, NoCommand, NoWorkerFound
-from celery_warden.sampler import describe_exit_status
 from celery_warden.session import Session
 from celery_warden.store import Record
 
@@ -141,16 +140,12 @@ def run_workers(
         raise
     final: list[Record] = []
     for proc in procs:
-        reason, code = describe_exit_status(_wait_status(proc.returncode))
-        final.append(ProcessEnd(proc.pid, ticks[proc.pid], time.time(), reason, code))
+        # Popen's returncode already is the store's convention: the code, or -signum.
+        reason = EndReason.KILLED if proc.returncode < 0 else EndReason.EXITED
+        final.append(ProcessEnd(proc.pid, ticks[proc.pid], time.time(), reason, proc.returncode))
     code = _exit_code(procs[0].returncode)
     session.stop(exit_code=code, final=final)
     return code
-
-
-def _wait_status(returncode: int) -> int:
-    """Rebuild a waitpid status from Popen's returncode (``-N`` when killed by N)."""
-    return -returncode if returncode < 0 else returncode << 8
 
 
 def resolve_masters(pids: Sequence[int], pattern: str | None) -> list[int]:

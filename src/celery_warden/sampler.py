@@ -24,7 +24,7 @@ from celery_warden._config import SamplerConfig
 from celery_warden._records import EndReason, ProcessEnd, ProcessInfo, Role, Sample
 from celery_warden.store import Record
 
-__all__ = ["Sampler", "describe_exit_status"]
+__all__ = ["Sampler"]
 
 _STATES = {
     "R": "running",
@@ -38,7 +38,7 @@ _STATES = {
 }
 
 
-def describe_exit_status(status: int) -> tuple[EndReason, int]:
+def _describe_exit_status(status: int) -> tuple[EndReason, int]:
     """Turn a waitpid status into an end reason and an exit code (``-signum`` if killed)."""
     if os.WIFSIGNALED(status):
         return EndReason.KILLED, -os.WTERMSIG(status)
@@ -270,7 +270,7 @@ class Sampler:
         del self._tracked[tracked.info.pid]
         reason, code = EndReason.GONE, None
         if tracked.exit_status is not None:
-            reason, code = describe_exit_status(tracked.exit_status)
+            reason, code = _describe_exit_status(tracked.exit_status)
         records.append(ProcessEnd(tracked.info.pid, tracked.info.start_ticks, now, reason, code))
         self._force_scan = True  # its replacement is probably there already
 
