@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
+from celery_warden._install import install
 from celery_warden._version import __version__
 from celery_warden.exceptions import WardenError
 
-__all__ = ["WardenError", "__version__"]
+__all__ = ["WardenError", "__version__", "install"]

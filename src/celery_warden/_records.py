@@ -28,12 +28,14 @@ else:  # pragma: no cover - Python 3.10
 __all__ = [
     "EndReason",
     "GrowthFinding",
+    "Heartbeat",
     "MemoryFinding",
     "MemoryPoint",
     "ProcessEnd",
     "ProcessHistory",
     "ProcessInfo",
     "Role",
+    "RunningTask",
     "Sample",
     "SessionInfo",
     "Snapshot",
@@ -168,7 +170,7 @@ class TaskStarted:
 
 @dataclass(frozen=True, slots=True)
 class TaskFinished:
-    """The probe saw a task end; ``rss_after_bytes`` is read right after it."""
+    """The probe saw a task end; the memory figures are read right after it."""
 
     pid: int
     start_ticks: int
@@ -179,6 +181,42 @@ class TaskFinished:
     state: TaskState
     rss_after_bytes: int | None
     started_at: float | None = None  # epoch seconds, as the probe saw it at prerun
+    # CPU seconds of the thread that ran the call (None where it cannot be told, as
+    # under gevent/eventlet, where every greenlet shares one thread).
+    cpu_seconds: float | None = None
+    # Private and proportional memory right after the call: read at a bounded rate
+    # (smaps costs far more than statm), so None on most calls.
+    uss_after_bytes: int | None = None
+    pss_after_bytes: int | None = None
+    # Change over the call in the blocks Python's allocator holds (sys.getallocatedblocks):
+    # objects created and kept, whatever their size.
+    py_blocks_delta: int | None = None
+    exception: str | None = None  # the exception type of a failed or retried call
+    retries: int = 0  # how many times this task id had been retried before this call
+
+
+@dataclass(frozen=True, slots=True)
+class RunningTask:
+    """A task a process is running now, as its last heartbeat told."""
+
+    task_id: str
+    name: str
+    since: float  # epoch seconds, when it started
+    cpu_seconds: float | None  # CPU its thread has used so far (None: cannot be told)
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """A process's periodic word: it is alive, and these are the tasks it is running.
+
+    Not stored: it refreshes the warden's live view (:meth:`Session.running`), and
+    repeats state rather than events, so a lost message mends itself at the next beat.
+    """
+
+    pid: int
+    start_ticks: int
+    t: float  # epoch seconds, as the process saw it
+    running: tuple[RunningTask, ...]
 
 
 class MemoryPoint(NamedTuple):

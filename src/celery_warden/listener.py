@@ -21,13 +21,25 @@ from collections.abc import Callable
 
 from celery_warden.probe import wire
 
-__all__ = ["ProbeListener"]
+__all__ = ["ProbeListener", "bind_server"]
 
 log = logging.getLogger("celery_warden")
 
 _READ_SIZE = 256 * 1024
 _MAX_CLIENTS = 4096  # more pool processes than any host runs
 _UCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+def bind_server(path: str) -> socket.socket:
+    """A unix stream socket bound at ``path`` (owner-only) and listening."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        server.bind(path)
+    finally:
+        os.umask(old_umask)
+    server.listen(128)
+    return server
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -38,20 +50,24 @@ def _peer_uid(conn: socket.socket) -> int:
 class ProbeListener:
     """Receives probe messages on ``path`` and hands each to ``deliver`` (a thread)."""
 
-    def __init__(self, path: str, deliver: Callable[[wire.Message], None]) -> None:
+    def __init__(
+        self,
+        path: str,
+        deliver: Callable[[wire.Message], None],
+        *,
+        server: socket.socket | None = None,
+    ) -> None:
+        """Bind ``path``, or take ``server``, a socket already bound there and listening
+        (``install(app)`` binds it in the worker before any child forks, so no early
+        message is lost while the collector starts)."""
         self.path = path
         self.received = 0
         self.malformed = 0
         self.refused = 0
-        self.dropped_by_probes = 0
+        # The latest dropped count each process reported (the counts are cumulative).
+        self._dropped: dict[tuple[int, int], int] = {}
         self._deliver = deliver
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            self._server.bind(path)
-        finally:
-            os.umask(old_umask)
-        self._server.listen(128)
+        self._server = server or bind_server(path)
         self._server.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._server, selectors.EVENT_READ)
@@ -121,11 +137,17 @@ class ProbeListener:
             self.malformed += 1
             return
         self.received += 1
-        self.dropped_by_probes += dropped
+        if dropped:
+            self._dropped[message.pid, message.start_ticks] = dropped
         try:
             self._deliver(message)
         except Exception:
             log.exception("could not hand over a probe message")
+
+    @property
+    def dropped_by_probes(self) -> int:
+        """Messages the probes could not send, as they last reported."""
+        return sum(self._dropped.values())
 
     def stop(self) -> None:
         """Stop after reading what the probes already sent."""

@@ -142,8 +142,9 @@ class Sampler:
         self._recheck_anchors(now, records)
         pids = _procs.list_pids()
         fresh: dict[int, _procs.Stat] = {}
+        own = os.getpid()  # the warden never samples itself: `install` starts it below a worker
         for pid in pids:
-            if pid in self._seen_pids or pid in self._tracked:
+            if pid in self._seen_pids or pid in self._tracked or pid == own:
                 continue
             try:
                 fresh[pid] = _procs.read_stat(pid)

@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import shutil
+import socket
 import sqlite3
 import tempfile
 import threading
@@ -26,8 +27,9 @@ from pathlib import Path
 
 import celery_warden
 from celery_warden._config import Retention, SamplerConfig
-from celery_warden._records import ProcessInfo, TaskFinished
+from celery_warden._records import Heartbeat, ProcessEnd, ProcessInfo, TaskFinished
 from celery_warden.listener import ProbeListener
+from celery_warden.live import Activity, LiveView
 from celery_warden.probe import SITE_DIR, wire
 from celery_warden.probe._boot import PACKAGE_ENV, SOCKET_ENV
 from celery_warden.sampler import Sampler
@@ -53,7 +55,11 @@ class Session:
         retention: Retention | None = None,
         with_probe: bool = True,
         on_task: Callable[[TaskFinished], None] | None = None,
+        listen_on: tuple[str, socket.socket] | None = None,
     ) -> None:
+        """``listen_on`` is a probe socket already bound and listening, with its path
+        (``install(app)`` binds it in the worker; the session then owns its directory).
+        """
         self.config = config or SamplerConfig()
         self.retention = retention or Retention()
         self.store = store
@@ -64,10 +70,12 @@ class Session:
         self.tasks_finished = 0
         self.sweeps = 0
         self._on_task = on_task
+        self.live = LiveView()
         self._lock = threading.Lock()  # guards the sampler between its thread and callers
         self._queue: queue.SimpleQueue[list[Record] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._with_probe = with_probe
+        self._listen_on = listen_on
         self._private_dir: str | None = None
         self.listener: ProbeListener | None = None
         self._started = False
@@ -101,7 +109,12 @@ class Session:
             self.mode, self.command, self.config.interval_seconds
         )
         self._started = True
-        if self._with_probe:
+        if self._listen_on is not None:
+            path, server = self._listen_on
+            self._private_dir = os.path.dirname(path)
+            self.listener = ProbeListener(path, self._deliver, server=server)
+            self.listener.start()
+        elif self._with_probe:
             self._private_dir = tempfile.mkdtemp(prefix="celery-warden-")  # mode 0700
             socket_path = os.path.join(self._private_dir, "probe.sock")
             self.listener = ProbeListener(socket_path, self._deliver)
@@ -121,7 +134,14 @@ class Session:
         with self._lock:
             return self.sampler.tracked
 
+    def activity(self) -> list[Activity]:
+        """What each probed process is running now (the probe's heartbeats keep it)."""
+        return self.live.activity()
+
     def _deliver(self, message: wire.Message) -> None:
+        self.live.update(message)
+        if isinstance(message, Heartbeat):
+            return  # live state only: a heartbeat is not history
         self._queue.put([message])
         if isinstance(message, TaskFinished):
             self.tasks_finished += 1
@@ -151,6 +171,9 @@ class Session:
             log.exception("sampler sweep failed")
             return
         if records:
+            for record in records:
+                if isinstance(record, ProcessEnd):
+                    self.live.update(record)
             self._queue.put(records)
 
     def _write_loop(self) -> None:

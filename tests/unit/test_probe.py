@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import celery_warden
-from celery_warden._records import TaskFinished, TaskStarted, TaskState
+from celery_warden._records import Heartbeat, TaskFinished, TaskStarted, TaskState
 from celery_warden.probe import SITE_DIR, wire
 from celery_warden.probe._channel import Channel
 from celery_warden.probe._hooks import Probe
@@ -22,6 +22,17 @@ class FakeTask:
     """Stands in for a Celery task: the probe only reads its name."""
 
     name = "proj.tasks.add"
+
+
+class Request:
+    """Stands in for a task's request: the probe reads the retry count."""
+
+    retries = 2
+
+
+class RetriedTask:
+    name = "proj.tasks.flaky"
+    request = Request()
 
 
 class BrokenTask:
@@ -38,7 +49,7 @@ def make_probe() -> Iterator[Callable[[str], Probe]]:
     made: list[Probe] = []
 
     def _make(path: str) -> Probe:
-        made.append(Probe(Channel(path)))
+        made.append(Probe(Channel(path), heartbeat_seconds=0))
         return made[-1]
 
     yield _make
@@ -210,3 +221,84 @@ def test_the_probe_loads_in_a_worker_environment_without_celery_warden(tmp_path:
     assert (
         out.stderr.strip() == "celery-warden: the probe was not attached: No module named 'celery'"
     )
+
+
+def test_a_call_reports_its_cpu_its_kept_objects_and_its_memory(
+    receiver: Receiver, make_probe: Callable[[str], Probe]
+) -> None:
+    """A call that burns CPU and keeps objects: the thread's CPU, the allocator's block
+    count growth, and (first call only, the rate is bounded) USS and PSS."""
+    probe = make_probe(receiver.path)
+    kept: list[object] = []
+    # WHEN a call burns CPU and keeps 5,000 objects, then a second call runs at once
+    probe.on_task_prerun(task_id="busy", task=FakeTask())
+    sum(i * i for i in range(300_000))
+    kept.extend(object() for _ in range(5000))
+    probe.on_task_postrun(task_id="busy", task=FakeTask(), state="SUCCESS")
+    probe.on_task_prerun(task_id="next", task=FakeTask())
+    probe.on_task_postrun(task_id="next", task=FakeTask(), state="SUCCESS")
+    messages = [wire.decode(receiver.recv())[0] for _ in range(4)]
+    first, second = messages[1], messages[3]
+    assert isinstance(first, TaskFinished)
+    assert isinstance(second, TaskFinished)
+    # THEN the first carries them all, the second no smaps figures
+    assert first.cpu_seconds is not None
+    assert 0 < first.cpu_seconds <= first.wall_seconds + 0.01
+    assert first.py_blocks_delta is not None
+    assert first.py_blocks_delta >= 5000
+    assert first.uss_after_bytes is not None
+    assert first.pss_after_bytes is not None
+    assert 0 < first.uss_after_bytes <= first.pss_after_bytes <= (first.rss_after_bytes or 0)
+    assert (second.uss_after_bytes, second.pss_after_bytes) == (None, None)
+    assert kept
+
+
+def test_a_failed_call_carries_its_exception_type_and_retries(
+    receiver: Receiver, make_probe: Callable[[str], Probe]
+) -> None:
+    """task_failure comes before task_postrun; the type it saw ends up in the record."""
+    probe = make_probe(receiver.path)
+    probe.on_task_prerun(task_id="f1", task=RetriedTask())
+    probe.on_task_failure(task_id="f1", exception=KeyError("k"))
+    probe.on_task_postrun(task_id="f1", task=RetriedTask(), state="FAILURE")
+    receiver.recv()
+    finished, _ = wire.decode(receiver.recv())
+    assert isinstance(finished, TaskFinished)
+    assert finished.exception == "builtins.KeyError"
+    assert finished.retries == 2
+    assert finished.state is TaskState.FAILURE
+
+
+def test_a_heartbeat_lists_the_running_tasks_with_their_cpu_so_far(
+    receiver: Receiver, make_probe: Callable[[str], Probe]
+) -> None:
+    """While a call runs, the heartbeat names it, since when, and its CPU so far; once
+    it ended, the heartbeat is empty."""
+    probe = make_probe(receiver.path)
+    probe.on_task_prerun(task_id="long", task=FakeTask())
+    sum(i * i for i in range(200_000))
+    beat, _ = wire.decode(probe.heartbeat())
+    assert isinstance(beat, Heartbeat)
+    assert beat.pid == os.getpid()
+    (running,) = beat.running
+    assert (running.task_id, running.name) == ("long", "proj.tasks.add")
+    assert running.cpu_seconds is not None
+    assert running.cpu_seconds > 0
+    probe.on_task_postrun(task_id="long", task=FakeTask(), state="SUCCESS")
+    beat, _ = wire.decode(probe.heartbeat())
+    assert isinstance(beat, Heartbeat)
+    assert beat.running == ()
+
+
+def test_the_heartbeat_thread_beats_on_its_own(receiver: Receiver) -> None:
+    """The first task of a process starts its heartbeat thread."""
+    probe = Probe(Channel(receiver.path), heartbeat_seconds=0.05)
+    try:
+        probe.on_task_prerun(task_id="t", task=FakeTask())
+        kinds = set()
+        for _ in range(5):
+            message, _ = wire.decode(receiver.recv())
+            kinds.add(type(message))
+        assert Heartbeat in kinds
+    finally:
+        probe.close()

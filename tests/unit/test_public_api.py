@@ -10,7 +10,7 @@ from celery_warden.commands import main
 
 def test_the_public_names_are_pinned() -> None:
     """`__all__` changes only on purpose: it is the public API."""
-    assert celery_warden.__all__ == ["WardenError", "__version__"]
+    assert celery_warden.__all__ == ["WardenError", "__version__", "install"]
 
 
 def test_help_shows_an_example(capsys: pytest.CaptureFixture[str]) -> None:
@@ -20,6 +20,15 @@ def test_help_shows_an_example(capsys: pytest.CaptureFixture[str]) -> None:
     assert "celery-warden run -- celery -A proj worker" in out
     for command in ("run", "watch", "report", "demo"):
         assert command in out
+    assert "collect" not in out  # started by install(app), not by a person
+
+
+def test_celery_finds_the_warden_plugin() -> None:
+    """`celery warden` is found through Celery's `celery.commands` entry point group."""
+    from importlib.metadata import entry_points
+
+    (plugin,) = entry_points(group="celery.commands", name="warden")
+    assert plugin.load().name == "warden"
 
 
 def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:

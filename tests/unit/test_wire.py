@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from celery_warden._records import EndReason, TaskFinished, TaskState
+from celery_warden._records import EndReason, Heartbeat, TaskFinished, TaskState
 from celery_warden.probe import wire
 
 
@@ -45,3 +45,30 @@ def test_malformed_messages_raise(data: bytes) -> None:
     listener counts it and goes on."""
     with pytest.raises((ValueError, TypeError, RecursionError)):
         wire.decode(data)
+
+
+def test_a_finished_call_round_trips_every_field() -> None:
+    """Everything the probe measures per call survives the wire."""
+    data = wire.encode(
+        "f", 7, 70, "id", "n", 1.0, 2.0, 1.0, "FAILURE", 4096, 0.5, 100, 200, 42, "x.Err", 3
+    )
+    message, _ = wire.decode(data)
+    assert isinstance(message, TaskFinished)
+    assert (message.cpu_seconds, message.uss_after_bytes, message.pss_after_bytes) == (
+        0.5,
+        100,
+        200,
+    )
+    assert (message.py_blocks_delta, message.exception, message.retries) == (42, "x.Err", 3)
+
+
+def test_a_heartbeat_decodes_and_a_bad_one_is_refused() -> None:
+    """A heartbeat lists running tasks; a malformed list is an error, not a crash."""
+    message, dropped = wire.decode(wire.encode("h", 7, 70, 5.0, 3, [["id", "n", 4.0, None]]))
+    assert isinstance(message, Heartbeat)
+    assert message.running[0].task_id == "id"
+    assert message.running[0].cpu_seconds is None
+    assert dropped == 3
+    for bad in ("nope", [["id", "n"]], [["id", "n", "nan", 1]]):
+        with pytest.raises((ValueError, TypeError)):
+            wire.decode(wire.encode("h", 7, 70, 5.0, 0, bad))

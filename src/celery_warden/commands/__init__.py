@@ -13,7 +13,7 @@ import sys
 import click
 
 from celery_warden._version import __version__
-from celery_warden.commands import demo, report, run, watch
+from celery_warden.commands import collect, demo, report, run, watch
 from celery_warden.commands._common import Context
 from celery_warden.exceptions import WardenError
 
@@ -49,7 +49,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
     ctx.obj = Context(verbose=verbose)
 
 
-for _module in (run, watch, report, demo):
+for _module in (run, watch, report, demo, collect):
     cli.add_command(_module.command)
 
 

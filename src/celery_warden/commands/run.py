@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -13,7 +14,16 @@ from celery_warden.runner import check_commands, run_workers
 from celery_warden.session import Session
 from celery_warden.store import Store
 
-__all__ = ["command"]
+__all__ = ["command", "run_under_warden"]
+
+
+interval_option = seconds_option(
+    "--interval",
+    "interval_seconds",
+    default=1.0,
+    minimum=0.05,
+    help="Seconds between sweeps of the worker tree.",
+)
 
 
 @click.command(
@@ -21,13 +31,7 @@ __all__ = ["command"]
     context_settings={"ignore_unknown_options": True},
     epilog="\b\nExample:\n  celery-warden run --interval 2 -- celery -A proj worker -c 4",
 )
-@seconds_option(
-    "--interval",
-    "interval_seconds",
-    default=1.0,
-    minimum=0.05,
-    help="Seconds between sweeps of the worker tree.",
-)
+@interval_option
 @click.option("--no-probe", is_flag=True, help="Do not attach the in-worker probe.")
 @store_option
 @click.argument("worker_command", nargs=-1, type=click.UNPROCESSED)
@@ -43,6 +47,16 @@ def command(
     probe attached with no change to your code). SIGINT and SIGTERM are forwarded to
     the worker's master only, so Celery's warm shutdown lets running tasks finish.
     """
+    return run_under_warden(worker_command, interval_seconds, no_probe, store_path)
+
+
+def run_under_warden(
+    worker_command: Sequence[str],
+    interval_seconds: float,
+    no_probe: bool,
+    store_path: Path | None,
+) -> int:
+    """Start ``worker_command`` under a new session; return its exit code."""
     check_commands([worker_command])
     store = Store.open(resolve_store(store_path))
     try:

@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 __all__ = ["Channel"]
 
@@ -68,6 +69,12 @@ class Channel:
         """
         with self._lock:
             return self._send(data)
+
+    def send_built(self, build: Callable[[], bytes]) -> bool:
+        """Build a message and send it under the same lock, so no other message of
+        this process is sent between the two."""
+        with self._lock:
+            return self._send(build())
 
     def _send(self, data: bytes) -> bool:
         sock = self._socket()

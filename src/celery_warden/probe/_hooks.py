@@ -3,26 +3,46 @@
 Rules every receiver here follows (Celery calls them inline, around every task):
 - never raise into Celery: each body is wrapped, and a failure is counted, not logged;
 - never block: the channel drops rather than waits;
-- stay cheap: a clock read, a ``pread`` of ``/proc/self/statm`` through a descriptor
-  kept open, and one datagram per task event.
+- stay cheap (docs/benchmarks.md has the cost): per call, two reads of the thread's CPU
+  clock and of the allocator's block count, a ``pread`` of ``/proc/self/statm`` through a
+  descriptor kept open, and two messages; ``smaps_rollup`` (USS, PSS), which costs far
+  more, at most once every ``SMAPS_SECONDS`` per process.
 
 Receivers are connected with ``weak=False`` (Celery holds receivers weakly by default,
 so a closure would vanish) and a ``dispatch_uid`` (connecting twice is harmless).
+
+What is measured per pool: ``prefork`` and ``solo`` run one task at a time per process,
+so every figure belongs to the task. ``threads`` runs several at once in one process:
+CPU is still the task's own (the thread's clock), but RSS and the block count are the
+process's, shared with the tasks that overlapped. ``gevent`` and ``eventlet`` run every
+task on one thread: the thread's CPU clock would count the other greenlets too, so CPU
+is not recorded there (None), and wall time includes waiting for other greenlets.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import time
 from typing import Any
 
 from celery_warden.probe import wire
 from celery_warden.probe._channel import Channel
 
-__all__ = ["Probe", "connect"]
+__all__ = ["HEARTBEAT_ENV", "Probe", "connect"]
+
+HEARTBEAT_ENV = "CELERY_WARDEN_HEARTBEAT_SECONDS"
+HEARTBEAT_SECONDS = 5.0
+SMAPS_SECONDS = 10.0  # at most one smaps_rollup read per process in this long
 
 _EX_RECYCLE = 0x9B  # billiard's exit code for a child that leaves by its own limits
 _MAX_RUNNING = 1024  # tasks remembered between prerun and postrun, per process
+_POOL_NAMES = {"thread": "threads"}  # module name -> the name `--pool` takes
+_GREEN_POOLS = frozenset({"gevent", "eventlet"})
+
+# What prerun remembers of a call, in a list for speed (indexes below).
+_T_EPOCH, _T_MONO, _T_CPU, _T_BLOCKS, _T_THREAD, _T_NAME, _T_EXC, _T_RETRIES = range(8)
 
 
 def _read_start_ticks() -> int:
@@ -31,39 +51,71 @@ def _read_start_ticks() -> int:
     return int(data[data.rfind(b")") + 2 :].split()[19])
 
 
+def _heartbeat_seconds() -> float:
+    try:
+        return float(os.environ.get(HEARTBEAT_ENV, HEARTBEAT_SECONDS))
+    except ValueError:
+        return HEARTBEAT_SECONDS
+
+
+def _parse_smaps_rollup(data: bytes) -> tuple[int | None, int | None]:
+    """USS (private clean + dirty) and PSS, in bytes, from ``smaps_rollup``."""
+    uss = pss = None
+    for line in data.splitlines():
+        if line.startswith((b"Private_Clean:", b"Private_Dirty:")):
+            uss = (uss or 0) + int(line.split()[1]) * 1024
+        elif line.startswith(b"Pss:"):
+            pss = int(line.split()[1]) * 1024
+    return uss, pss
+
+
 class Probe:
     """Per-process state of the probe; survives fork by re-reading its identity."""
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, *, heartbeat_seconds: float | None = None) -> None:
         self.channel = channel
         self.errors = 0
         self.tasks_done = 0
         self.max_tasks_per_child: int | None = None
         self.max_memory_per_child_kb: int | None = None
+        self.green = False  # gevent/eventlet: one thread runs every task
+        self.heartbeat_seconds = (
+            _heartbeat_seconds() if heartbeat_seconds is None else heartbeat_seconds
+        )
         self._pid = 0
         self._ticks = 0
         self._statm = -1
+        self._smaps = -1
+        self._smaps_due = 0.0
         self._page_size = os.sysconf("SC_PAGE_SIZE")
-        self._running: dict[str, tuple[float, float]] = {}
+        self._running: dict[str, list[Any]] = {}
+        self._beating_in = 0  # the pid whose heartbeat thread runs (threads die at fork)
+        self._stop = threading.Event()
 
     def _identity(self) -> tuple[int, int]:
         pid = os.getpid()
         if pid != self._pid:  # first use, or we are a freshly forked child
-            if self._statm >= 0:
-                os.close(self._statm)
+            self._close_files()
             self._pid, self._ticks = pid, _read_start_ticks()
             # /proc/self is resolved at open time: open it in *this* process.
             self._statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
             self._running.clear()
+            self._smaps_due = 0.0
             self.tasks_done = 0
         return self._pid, self._ticks
 
+    def _close_files(self) -> None:
+        for fd in (self._statm, self._smaps):
+            if fd >= 0:
+                os.close(fd)
+        self._statm = self._smaps = -1
+
     def close(self) -> None:
-        """Release the descriptors (for tests and embedding; workers just exit)."""
+        """Stop the heartbeat and release the descriptors (for tests and embedding;
+        workers just exit)."""
+        self._stop.set()
         self.channel.close()
-        if self._statm >= 0:
-            os.close(self._statm)
-            self._statm = -1
+        self._close_files()
 
     def rss_bytes(self) -> int | None:
         """Current RSS from statm's second field, read without reopening the file."""
@@ -71,6 +123,18 @@ class Probe:
             return int(os.pread(self._statm, 64, 0).split()[1]) * self._page_size
         except (OSError, IndexError, ValueError):
             return None
+
+    def smaps_if_due(self, now: float) -> tuple[int | None, int | None]:
+        """USS and PSS, at most once every ``SMAPS_SECONDS``; (None, None) between."""
+        if now < self._smaps_due:
+            return None, None
+        self._smaps_due = now + SMAPS_SECONDS
+        try:
+            if self._smaps < 0:
+                self._smaps = os.open("/proc/self/smaps_rollup", os.O_RDONLY | os.O_CLOEXEC)
+            return _parse_smaps_rollup(os.pread(self._smaps, 4096, 0))
+        except (OSError, ValueError, IndexError):
+            return None, None  # an old kernel without smaps_rollup: the sampler has it
 
     # -- receivers -------------------------------------------------------------------
 
@@ -82,6 +146,8 @@ class Probe:
             self.max_memory_per_child_kb = getattr(instance, "max_memory_per_child", None) or None
             pool = getattr(instance, "pool_cls", None)
             pool_name = getattr(pool, "__module__", str(pool)).rsplit(".", 1)[-1]
+            pool_name = _POOL_NAMES.get(pool_name, pool_name)
+            self.green = pool_name in _GREEN_POOLS
             concurrency = int(getattr(instance, "concurrency", 0) or 0)
             self.channel.send(
                 wire.encode(
@@ -107,45 +173,92 @@ class Probe:
                 argv = f.read().rstrip(b"\0").replace(b"\0", b" ")
             cmdline = argv.decode("utf-8", "replace")[:1000]
             self.channel.send(wire.encode("c", pid, ticks, os.getppid(), time.time(), cmdline))
+            self._start_heartbeat()
         except Exception:
             self.errors += 1
 
     def on_task_prerun(self, task_id: str = "", task: Any = None, **_: Any) -> None:
-        """task_prerun: remember when the task started and say so."""
+        """task_prerun: remember when and how the call started, and say so."""
         try:
             pid, ticks = self._identity()
+            if self._beating_in != pid:
+                self._start_heartbeat()  # solo and threads pools run tasks in the master
             started = time.time()
             if len(self._running) >= _MAX_RUNNING:
                 self._running.clear()  # bounded: lost postruns must not grow this
-            self._running[task_id] = (started, time.monotonic())
             name = str(getattr(task, "name", "?"))[: wire.MAX_NAME]
+            retries = getattr(getattr(task, "request", None), "retries", 0)
+            self._running[str(task_id)] = [
+                started,
+                time.monotonic(),
+                time.thread_time(),
+                sys.getallocatedblocks(),
+                threading.get_ident(),
+                name,
+                None,
+                retries if isinstance(retries, int) else 0,
+            ]
             self.channel.send(wire.encode("s", pid, ticks, task_id, name, started))
+        except Exception:
+            self.errors += 1
+
+    def on_task_failure(
+        self, task_id: str = "", exception: BaseException | None = None, **_: Any
+    ) -> None:
+        """task_failure (sent before postrun): keep the exception's type for postrun."""
+        self._note_exception(task_id, exception)
+
+    def on_task_retry(self, request: Any = None, reason: Any = None, **_: Any) -> None:
+        """task_retry (sent before postrun): keep why the call asked to be retried (the
+        exception Celery's ``Retry`` wraps, when it wraps one)."""
+        self._note_exception(getattr(request, "id", ""), getattr(reason, "exc", None) or reason)
+
+    def _note_exception(self, task_id: object, exception: object) -> None:
+        try:
+            call = self._running.get(str(task_id))
+            if call is not None and isinstance(exception, BaseException):
+                kind = type(exception)
+                call[_T_EXC] = f"{kind.__module__}.{kind.__qualname__}"[: wire.MAX_NAME]
         except Exception:
             self.errors += 1
 
     def on_task_postrun(
         self, task_id: str = "", task: Any = None, state: str | None = None, **_: Any
     ) -> None:
-        """task_postrun: how it ended, how long it took, and the RSS right after."""
+        """task_postrun: how it ended, what it cost, and the memory right after."""
         try:
             pid, ticks = self._identity()
             ended, now = time.time(), time.monotonic()
-            # A postrun without its prerun (the table was cleared) still counts, with
-            # a zero duration, rather than being lost.
-            started_at, started = self._running.pop(task_id, (ended, now))
+            cpu_now, blocks_now = time.thread_time(), sys.getallocatedblocks()
+            call = self._running.pop(str(task_id), None)
             self.tasks_done += 1
-            name = str(getattr(task, "name", "?"))[: wire.MAX_NAME]
+            if call is None:
+                # A postrun without its prerun (the table was cleared, or a process
+                # forked inside the task) still counts, with what can be known.
+                name = str(getattr(task, "name", "?"))[: wire.MAX_NAME]
+                call = [ended, now, None, None, 0, name, None, 0]
+            cpu = None
+            if call[_T_CPU] is not None and not self.green:
+                cpu = max(0.0, cpu_now - call[_T_CPU])
+            blocks = None if call[_T_BLOCKS] is None else blocks_now - call[_T_BLOCKS]
+            uss, pss = self.smaps_if_due(now)
             message = wire.encode(
                 "f",
                 pid,
                 ticks,
                 task_id,
-                name,
-                started_at,
+                call[_T_NAME],
+                call[_T_EPOCH],
                 ended,
-                now - started,
+                now - call[_T_MONO],
                 state or "",
                 self.rss_bytes(),
+                cpu,
+                uss,
+                pss,
+                blocks,
+                call[_T_EXC],
+                call[_T_RETRIES],
             )
             self.channel.send(message)
         except Exception:
@@ -179,6 +292,46 @@ class Probe:
             return "max-memory"
         return "recycled"
 
+    # -- heartbeats ------------------------------------------------------------------
+
+    def heartbeat(self) -> bytes:
+        """The heartbeat message: the tasks this process runs now, since when, and the
+        CPU each one's thread has used so far."""
+        pid, ticks = self._identity()
+        running = []
+        for task_id, call in list(self._running.items())[: wire.MAX_RUNNING]:
+            cpu = None
+            if not self.green and call[_T_CPU] is not None:
+                try:
+                    clock = time.pthread_getcpuclockid(call[_T_THREAD])
+                    cpu = max(0.0, time.clock_gettime(clock) - call[_T_CPU])
+                except (OSError, OverflowError):
+                    cpu = None  # the thread is gone: the call ended under us
+            running.append([task_id, call[_T_NAME], call[_T_EPOCH], cpu])
+        return wire.encode("h", pid, ticks, time.time(), self.channel.dropped, running)
+
+    def _start_heartbeat(self) -> None:
+        """Start this process's heartbeat thread (threads do not survive a fork, so a
+        pool child starts its own)."""
+        pid = os.getpid()
+        if self._beating_in == pid or self.heartbeat_seconds <= 0:
+            return
+        self._beating_in = pid
+        self._stop = threading.Event()
+        thread = threading.Thread(
+            target=self._beat, args=(self._stop,), name="celery-warden-heartbeat", daemon=True
+        )
+        thread.start()
+
+    def _beat(self, stop: threading.Event) -> None:
+        while not stop.wait(self.heartbeat_seconds):
+            try:
+                # Built under the channel's lock, so a task's start or end message can
+                # never overtake the snapshot of the running tasks it contradicts.
+                self.channel.send_built(self.heartbeat)
+            except Exception:
+                self.errors += 1
+
 
 _probe: Probe | None = None
 
@@ -199,6 +352,8 @@ def connect(socket_path: str) -> Probe:
         (signals.celeryd_after_setup, probe.on_worker_ready),
         (signals.worker_process_init, probe.on_process_init),
         (signals.task_prerun, probe.on_task_prerun),
+        (signals.task_failure, probe.on_task_failure),
+        (signals.task_retry, probe.on_task_retry),
         (signals.task_postrun, probe.on_task_postrun),
         (signals.worker_process_shutdown, probe.on_process_shutdown),
     ]

@@ -11,9 +11,16 @@ kind   fields
 ``w``  pid, start_ticks, nodename, pool, concurrency, max_tasks, max_mem_kb
 ``c``  pid, start_ticks, ppid, t, cmdline                (a pool child starts)
 ``s``  pid, start_ticks, task_id, name, t_start
-``f``  pid, start_ticks, task_id, name, t_start, t_end, wall_seconds, state, rss_bytes
+``f``  pid, start_ticks, task_id, name, t_start, t_end, wall_seconds, state, rss_bytes,
+       cpu_seconds, uss_bytes, pss_bytes, py_blocks_delta, exception, retries
+``h``  pid, start_ticks, t, dropped, [[task_id, name, t_start, cpu_seconds], ...]
 ``x``  pid, start_ticks, t, exit_code, reason, dropped
 =====  ==================================================================
+
+``h`` is a heartbeat: every few seconds each process that has run a task says which
+tasks it is running now (none when idle), since when, and how much CPU each has used
+so far. It repeats the state rather than an event, so a message dropped or a warden
+restarted mends itself at the next beat.
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ import math
 
 from celery_warden._records import (
     EndReason,
+    Heartbeat,
     ProcessEnd,
     ProcessInfo,
     Role,
+    RunningTask,
     TaskFinished,
     TaskStarted,
     TaskState,
@@ -36,7 +45,8 @@ __all__ = ["MAX_LINE", "MAX_NAME", "Message", "decode", "encode"]
 
 MAX_NAME = 200
 MAX_LINE = 16 * 1024  # a longer line is not a probe message
-Message = WorkerInfo | ProcessInfo | TaskStarted | TaskFinished | ProcessEnd
+Message = WorkerInfo | ProcessInfo | TaskStarted | TaskFinished | ProcessEnd | Heartbeat
+MAX_RUNNING = 256  # tasks one heartbeat may list (a threads pool of that many is rare)
 
 _STATES = {state.value: state for state in TaskState}
 _REASONS = {reason.value: reason for reason in EndReason}
@@ -57,6 +67,14 @@ def _int(value: object) -> int:
     return number
 
 
+def _opt_int(value: object) -> int | None:
+    return None if value is None else _int(value)
+
+
+def _opt_float(value: object) -> float | None:
+    return None if value is None else _float(value)
+
+
 def _float(value: object) -> float:
     number = float(value)  # type: ignore[arg-type]
     if not math.isfinite(number):
@@ -75,7 +93,8 @@ def decode(data: bytes) -> tuple[Message, int]:
         raise ValueError("not a message")
     kind, fields = message[0], message[1:]
     if kind == "f":
-        pid, ticks, task_id, name, t_start, t_end, wall, state, rss = fields
+        pid, ticks, task_id, name, t_start, t_end, wall, state, rss, *more = fields
+        cpu, uss, pss, blocks, exception, retries = (*more, None, None, None, None, None, 0)[:6]
         return (
             TaskFinished(
                 _int(pid),
@@ -85,11 +104,28 @@ def decode(data: bytes) -> tuple[Message, int]:
                 _float(t_end),
                 _float(wall),
                 _STATES.get(str(state).lower(), TaskState.FAILURE),
-                None if rss is None else _int(rss),
+                _opt_int(rss),
                 _float(t_start),
+                cpu_seconds=_opt_float(cpu),
+                uss_after_bytes=_opt_int(uss),
+                pss_after_bytes=_opt_int(pss),
+                py_blocks_delta=_opt_int(blocks),
+                exception=None if exception is None else str(exception)[:MAX_NAME],
+                retries=_int(retries or 0),
             ),
             0,
         )
+    if kind == "h":
+        pid, ticks, t, dropped, running = fields
+        if not isinstance(running, list) or len(running) > MAX_RUNNING:
+            raise ValueError("bad running list")
+        tasks = tuple(
+            RunningTask(
+                str(task_id), str(name), _float(since), None if cpu is None else _float(cpu)
+            )
+            for task_id, name, since, cpu in running
+        )
+        return Heartbeat(_int(pid), _int(ticks), _float(t), tasks), _int(dropped)
     if kind == "s":
         pid, ticks, task_id, name, t_start = fields
         return TaskStarted(_int(pid), _int(ticks), str(task_id), str(name), _float(t_start)), 0

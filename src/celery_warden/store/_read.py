@@ -117,16 +117,21 @@ def _read_tasks(
 ) -> tuple[dict[tuple[int, int], list[TaskFinished]], tuple[TaskStarted, ...]]:
     finished: dict[tuple[int, int], list[TaskFinished]] = defaultdict(list)
     running = []
-    for pid, ticks, task_id, name, started, ended, wall, state, rss in conn.execute(
+    for row in conn.execute(
         "SELECT pid, start_ticks, task_id, name, started_at, ended_at, wall_seconds, state,"
-        " rss_after_bytes FROM tasks WHERE session_id = ? ORDER BY COALESCE(ended_at, started_at)",
+        " rss_after_bytes, cpu_seconds, uss_after_bytes, pss_after_bytes, py_blocks_delta,"
+        " exception, retries FROM tasks WHERE session_id = ?"
+        " ORDER BY COALESCE(ended_at, started_at)",
         (session_id,),
     ):
+        pid, ticks, task_id, name, started, ended, wall, state, rss = row[:9]
         if ended is None:  # still running, or lost with its process
             running.append(TaskStarted(pid, ticks, task_id, name, started))
             continue
         finished[(pid, ticks)].append(
-            TaskFinished(pid, ticks, task_id, name, ended, wall, TaskState(state), rss, started)
+            TaskFinished(
+                pid, ticks, task_id, name, ended, wall, TaskState(state), rss, started, *row[9:]
+            )
         )
     return finished, tuple(running)
 

@@ -87,6 +87,16 @@ _V1 = [
     "CREATE INDEX tasks_by_age ON tasks (started_at)",
 ]
 
+# v2: what the probe records per call beyond wall time and RSS (issue 3).
+_V2 = [
+    "ALTER TABLE tasks ADD COLUMN cpu_seconds REAL",  # the CPU of the thread that ran it
+    "ALTER TABLE tasks ADD COLUMN uss_after_bytes INTEGER",  # read at a bounded rate
+    "ALTER TABLE tasks ADD COLUMN pss_after_bytes INTEGER",
+    "ALTER TABLE tasks ADD COLUMN py_blocks_delta INTEGER",  # sys.getallocatedblocks() change
+    "ALTER TABLE tasks ADD COLUMN exception TEXT",  # the exception type of a failed call
+    "ALTER TABLE tasks ADD COLUMN retries INTEGER NOT NULL DEFAULT 0",
+]
+
 # MIGRATIONS[i] takes the schema from version i to version i + 1.
-MIGRATIONS: list[list[str]] = [_V1]
+MIGRATIONS: list[list[str]] = [_V1, _V2]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -338,11 +338,16 @@ class Store:
         elif isinstance(record, TaskFinished):
             self._conn.execute(
                 "INSERT INTO tasks (session_id, pid, start_ticks, task_id, name, started_at,"
-                " ended_at, wall_seconds, state, rss_after_bytes)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ended_at, wall_seconds, state, rss_after_bytes, cpu_seconds, uss_after_bytes,"
+                " pss_after_bytes, py_blocks_delta, exception, retries)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (session_id, pid, start_ticks, task_id, started_at) DO UPDATE"
                 " SET ended_at = excluded.ended_at, wall_seconds = excluded.wall_seconds,"
-                " state = excluded.state, rss_after_bytes = excluded.rss_after_bytes",
+                " state = excluded.state, rss_after_bytes = excluded.rss_after_bytes,"
+                " cpu_seconds = excluded.cpu_seconds, uss_after_bytes = excluded.uss_after_bytes,"
+                " pss_after_bytes = excluded.pss_after_bytes,"
+                " py_blocks_delta = excluded.py_blocks_delta, exception = excluded.exception,"
+                " retries = excluded.retries",
                 (
                     session_id,
                     record.pid,
@@ -356,6 +361,12 @@ class Store:
                     record.wall_seconds,
                     str(record.state),
                     record.rss_after_bytes,
+                    record.cpu_seconds,
+                    record.uss_after_bytes,
+                    record.pss_after_bytes,
+                    record.py_blocks_delta,
+                    record.exception,
+                    record.retries,
                 ),
             )
         elif isinstance(record, TaskStarted):

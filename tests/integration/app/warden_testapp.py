@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from celery import Celery
 
@@ -48,3 +49,34 @@ def mark(key: str) -> None:
 def fail() -> None:
     """Raises."""
     raise ValueError("planned failure")
+
+
+@app.task(name="testapp.spin")
+def spin(seconds: float = 0.05) -> int:
+    """Burns CPU for ``seconds`` of wall time, as a CPU-bound task does."""
+    deadline, n = time.monotonic() + seconds, 0
+    while time.monotonic() < deadline:
+        n += sum(i * i for i in range(500))
+    return n
+
+
+@app.task(name="testapp.forks")
+def forks() -> int:
+    """Forks a child that exits at once, as tasks that fork helpers do."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    return os.waitpid(pid, 0)[1]
+
+
+@app.task(name="testapp.retry_once", bind=True, max_retries=1, default_retry_delay=0)
+def retry_once(self: Any) -> int:
+    """Asks to be retried once, then succeeds."""
+    if self.request.retries == 0:
+        raise self.retry(exc=ConnectionError("try again"), countdown=0)
+    return int(self.request.retries)
+
+
+@app.task(name='testapp.odd "näme"\t/\\')
+def odd_name() -> None:
+    """A task name with quotes, a tab, a slash, a backslash and non-ASCII."""

@@ -1,0 +1,85 @@
+"""What each process of a watched worker is doing right now, from the probe's messages.
+
+Task start and end messages keep it current between heartbeats; each heartbeat replaces
+a process's running set outright, so a message the probe dropped, or a warden that came
+late, is mended within one beat. The guard reads it to know which task a child is
+running, since when, and whether its thread still burns CPU.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from celery_warden._records import (
+    Heartbeat,
+    ProcessEnd,
+    ProcessInfo,
+    RunningTask,
+    TaskFinished,
+    TaskStarted,
+)
+
+__all__ = ["Activity", "LiveView"]
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """One process as the warden knows it now.
+
+    ``heard_at`` is the warden's clock (epoch seconds) when the process last said
+    anything; ``heartbeat_at`` when its last heartbeat arrived (None before the first):
+    a process running a task whose heartbeats stop is stuck with the GIL held, or dead.
+    """
+
+    pid: int
+    start_ticks: int
+    running: tuple[RunningTask, ...]
+    heard_at: float
+    heartbeat_at: float | None
+
+
+@dataclass(slots=True)
+class _State:
+    running: dict[str, RunningTask] = field(default_factory=dict)
+    heard_at: float = 0.0
+    heartbeat_at: float | None = None
+
+
+class LiveView:
+    """Thread-safe: the listener thread updates it, anyone reads it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._states: dict[tuple[int, int], _State] = {}
+
+    def update(self, message: object, now: float | None = None) -> None:
+        """Apply one probe message (or a sampler's ProcessEnd); others are ignored."""
+        now = time.time() if now is None else now
+        with self._lock:
+            if isinstance(message, ProcessEnd):
+                self._states.pop((message.pid, message.start_ticks), None)
+                return
+            if not isinstance(message, TaskStarted | TaskFinished | Heartbeat | ProcessInfo):
+                return
+            key = (message.pid, message.start_ticks)
+            state = self._states.setdefault(key, _State())
+            state.heard_at = now
+            if isinstance(message, TaskStarted):
+                state.running[message.task_id] = RunningTask(
+                    message.task_id, message.name, message.t, None
+                )
+            elif isinstance(message, TaskFinished):
+                state.running.pop(message.task_id, None)
+            elif isinstance(message, Heartbeat):
+                state.heartbeat_at = now
+                state.running = {task.task_id: task for task in message.running}
+
+    def activity(self) -> list[Activity]:
+        """Every process heard from and not known to have ended, by pid."""
+        with self._lock:
+            return [
+                Activity(pid, ticks, tuple(s.running.values()), s.heard_at, s.heartbeat_at)
+                for (pid, ticks), s in sorted(self._states.items())
+            ]
