@@ -45,3 +45,38 @@ def test_unworkable_settings_are_refused(changes: dict[str, float]) -> None:
     # WHEN thresholds are created / THEN they are refused
     with pytest.raises(ValueError, match="must be"):
         AnalysisThresholds(**changes)  # type: ignore[arg-type]
+
+
+def test_attribution_and_cpu_defaults_are_the_documented_ones() -> None:
+    """The attribution and CPU-class defaults are the values the docstring documents."""
+    # GIVEN the default thresholds
+    th = DEFAULT_THRESHOLDS
+    # WHEN / THEN
+    assert (th.attribution_confidence, th.attribution_min_calls) == (0.99, 30)
+    assert th.attribution_min_leak_bytes == 256.0
+    assert (th.attribution_warmup_calls, th.attribution_warmup_fraction) == (20, 0.1)
+    assert (th.attribution_max_names, th.attribution_max_blocks) == (64, 2000)
+    assert (th.cpu_bound_ratio, th.io_bound_ratio, th.cpu_class_min_calls) == (0.7, 0.3, 5)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"attribution_confidence": 1.0},
+        {"attribution_warmup_fraction": 0.6},
+        {"attribution_min_calls": 0},
+        {"attribution_min_leak_bytes": -1.0},
+        {"attribution_max_names": 0},
+        {"attribution_max_blocks": 10},
+        {"io_bound_ratio": 0.8},
+        {"cpu_bound_ratio": 1.5},
+        {"cpu_class_min_calls": 0},
+    ],
+    ids=["confidence", "warmup", "min-calls", "floor", "names", "blocks", "io", "cpu", "cpu-calls"],
+)
+def test_unworkable_attribution_and_cpu_settings_are_refused(changes: dict[str, float]) -> None:
+    """Attribution and CPU-class settings out of range raise ValueError at creation."""
+    # GIVEN an out-of-range setting
+    # WHEN thresholds are created / THEN they are refused
+    with pytest.raises(ValueError, match="must be"):
+        AnalysisThresholds(**changes)  # type: ignore[arg-type]

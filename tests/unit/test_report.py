@@ -24,7 +24,7 @@ from celery_warden._records import (
 from celery_warden.analysis.report import build_report
 from celery_warden.reporters import JsonReporter, TextReporter
 
-SCHEMA = Path(__file__).parents[2] / "src/celery_warden/schemas/report-v1.schema.json"
+SCHEMA = Path(__file__).parents[2] / "src/celery_warden/schemas/report-v2.schema.json"
 T0 = 1_800_000_000.0
 MB = 1024 * 1024
 SESSION = SessionInfo(1, "run", "celery -A proj worker", "host", T0, T0 + 700, 0, 1.0, 0)
@@ -95,7 +95,7 @@ def test_the_leaking_child_comes_first_with_its_per_task_slope() -> None:
 def test_task_names_are_summarised_with_failures_and_percentiles() -> None:
     """tasks[] counts calls and failures per name, with wall-time percentiles."""
     report = build_report(_snapshot())
-    tasks = {t.name: t for t in report.tasks}
+    tasks = {t.name: t.summary for t in report.tasks}
     assert tasks["proj.leaky"].calls == 600
     assert tasks["proj.leaky"].failures == 6
     assert 0.01 <= tasks["proj.clean"].wall_p50_seconds <= tasks["proj.clean"].wall_p95_seconds
@@ -129,3 +129,26 @@ def test_the_text_report_puts_the_verdict_and_its_reason_first() -> None:
     assert text.index("leak") < text.index("stable")
     assert "child 11: grows" in text
     assert "proj.leaky" in text
+
+
+def test_the_leaking_task_name_comes_first_with_its_bytes_per_call() -> None:
+    """tasks[] puts the name that carries the growth first, with what each call keeps;
+    the clean name is stable, its interval holding zero."""
+    report = build_report(_snapshot())
+    leaky, clean = report.tasks
+    assert (leaky.name, clean.name) == ("proj.leaky", "proj.clean")
+    assert leaky.memory is not None
+    assert clean.memory is not None
+    assert leaky.memory.verdict is Verdict.LEAK
+    assert leaky.memory.interval_low is not None
+    assert leaky.memory.interval_high is not None
+    assert leaky.memory.interval_low <= 50_000 <= leaky.memory.interval_high
+    assert clean.memory.verdict is Verdict.STABLE
+    assert clean.memory.interval_low is not None
+    assert clean.memory.interval_high is not None
+    assert clean.memory.interval_low <= 0 <= clean.memory.interval_high
+    out = io.StringIO()
+    JsonReporter.from_report(report).render(out)
+    first = json.loads(out.getvalue())["tasks"][0]
+    assert first["memory"]["verdict"] == "leak"
+    assert first["memory"]["interval"]["confidence"] == 0.99

@@ -30,12 +30,20 @@ from celery_warden._records import (
     Verdict,
     WorkerInfo,
 )
+from celery_warden.analysis.attribution import TaskAttribution, attribute_growth
 from celery_warden.analysis.growth import assess_count_growth
 from celery_warden.analysis.memory import assess_memory
 from celery_warden.analysis.tasks import TaskSummary, summarize_tasks
 from celery_warden.analysis.thresholds import DEFAULT_THRESHOLDS, AnalysisThresholds
 
-__all__ = ["ProcessReport", "Report", "WorkerReport", "build_report", "verdict_rank"]
+__all__ = [
+    "ProcessReport",
+    "Report",
+    "TaskReport",
+    "WorkerReport",
+    "build_report",
+    "verdict_rank",
+]
 
 _VERDICT_ORDER = {
     Verdict.LEAK: 0,
@@ -103,13 +111,33 @@ class WorkerReport:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskReport:
+    """One task name: how its calls ran (time, CPU, outcomes) and whether it carries
+    the memory growth of the processes it ran in.
+
+    ``memory`` is None when no call of the name had a memory reading (no probe)."""
+
+    summary: TaskSummary
+    memory: TaskAttribution | None
+    confidence: float  # the level of memory's interval
+
+    @property
+    def name(self) -> str:
+        return self.summary.name
+
+    @property
+    def leaks(self) -> bool:
+        return self.memory is not None and self.memory.verdict is Verdict.LEAK
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     """Everything a reporter renders for one session."""
 
     session: SessionInfo
     workers: tuple[WorkerReport, ...]
     processes: tuple[ProcessReport, ...]
-    tasks: tuple[TaskSummary, ...]
+    tasks: tuple[TaskReport, ...]  # leaking names first, by bytes per call; then by calls
     tasks_running: int
 
 
@@ -119,15 +147,35 @@ def build_report(snapshot: Snapshot, thresholds: AnalysisThresholds = DEFAULT_TH
     processes.sort(
         key=lambda p: (verdict_rank(p.verdict), p.master_pid, p.role != Role.MASTER, p.started_at)
     )
-    all_tasks = [task for history in snapshot.processes for task in history.tasks]
     workers = _workers(snapshot.workers, processes)
     return Report(
         session=snapshot.session,
         workers=tuple(workers),
         processes=tuple(processes),
-        tasks=tuple(summarize_tasks(all_tasks)),
+        tasks=tuple(_tasks(snapshot, thresholds)),
         tasks_running=len(snapshot.running_tasks),
     )
+
+
+def _tasks(snapshot: Snapshot, thresholds: AnalysisThresholds) -> list[TaskReport]:
+    """Per task name, its summary and its share of the growth, leaking names first."""
+    runs = [history.tasks for history in snapshot.processes if history.tasks]
+    summaries = summarize_tasks(task for calls in runs for task in calls)
+    measured = [calls for calls in runs if any(t.rss_after_bytes is not None for t in calls)]
+    memory = {a.name: a for a in attribute_growth(measured, thresholds)} if measured else {}
+    reports = [
+        TaskReport(summary, memory.get(summary.name), thresholds.attribution_confidence)
+        for summary in summaries
+    ]
+    reports.sort(
+        key=lambda t: (
+            not t.leaks,
+            -(t.memory.retained_bytes_per_call or 0.0) if t.leaks and t.memory else 0.0,
+            -t.summary.calls,
+            t.name,
+        )
+    )
+    return reports
 
 
 def _assess_process(history: ProcessHistory, thresholds: AnalysisThresholds) -> ProcessReport:

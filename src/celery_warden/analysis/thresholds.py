@@ -49,6 +49,31 @@ class AnalysisThresholds:
             to call a thread leak (default 5 threads).
         min_fd_growth: Least fitted growth of the open-file count over the window to
             call an fd leak (default 5 fds).
+        attribution_confidence: Two-sided level of the per-task-name retained-bytes
+            intervals (default 0.99): a report tests every name at once, so each test
+            is held to a stricter level than a single process's slope.
+        attribution_min_calls: Fewest calls of a name, after warm-up, for it to get its
+            own column in the fit (default 30); rarer names share one "other" column.
+        attribution_min_leak_bytes: Least retained bytes per call that make a name a
+            leak (default 256 B): 100,000 calls of it keep under 25 MiB, less than a
+            child's usual warm-up, and growth that follows time rather than calls
+            (a logging buffer, a background thread) leaves a small bias on busy names
+            that this floor absorbs.
+        attribution_warmup_calls: Calls dropped from the start of every process before
+            attribution (default 20): imports, connection pools, caches filling.
+        attribution_warmup_fraction: Share of a process's calls dropped as warm-up when
+            that is more than ``attribution_warmup_calls`` (default 0.1); never more
+            than half of a process's calls, so short-lived children still count.
+        attribution_max_names: Most task names fitted one by one (default 64, the most
+            called); the rest share the "other" column, which bounds the solve.
+        attribution_max_blocks: Most blocks of consecutive calls in the fit, all
+            processes together (default 2,000): past it blocks get longer, which keeps
+            the work linear in calls.
+        cpu_bound_ratio: A name whose median CPU/wall ratio per call reaches this is
+            CPU-bound (default 0.7).
+        io_bound_ratio: A name whose median ratio is at most this is IO-bound
+            (default 0.3); in between, or when its quartiles reach past both, mixed.
+        cpu_class_min_calls: Fewest calls with CPU time to classify a name (default 5).
     """
 
     min_points: int = 30
@@ -67,6 +92,16 @@ class AnalysisThresholds:
     deceleration_ratio: float = 0.6
     min_thread_growth: float = 5.0
     min_fd_growth: float = 5.0
+    attribution_confidence: float = 0.99
+    attribution_min_calls: int = 30
+    attribution_min_leak_bytes: float = 256.0
+    attribution_warmup_calls: int = 20
+    attribution_warmup_fraction: float = 0.1
+    attribution_max_names: int = 64
+    attribution_max_blocks: int = 2000
+    cpu_bound_ratio: float = 0.7
+    io_bound_ratio: float = 0.3
+    cpu_class_min_calls: int = 5
 
     def __post_init__(self) -> None:
         """Reject settings the analysis cannot work with.
@@ -87,6 +122,48 @@ class AnalysisThresholds:
             )
         if self.min_points < 3 or self.min_distinct_x < 3:
             raise ValueError("min_points and min_distinct_x must be at least 3")
+        self._check_attribution()
+        if not 0.0 <= self.io_bound_ratio < self.cpu_bound_ratio <= 1.0:
+            raise ValueError(
+                "io_bound_ratio and cpu_bound_ratio must be 0 <= io < cpu <= 1, "
+                f"got {self.io_bound_ratio} and {self.cpu_bound_ratio}"
+            )
+        if self.cpu_class_min_calls < 1:
+            raise ValueError(
+                f"cpu_class_min_calls must be at least 1, got {self.cpu_class_min_calls}"
+            )
+
+    def _check_attribution(self) -> None:
+        """Reject attribution settings that cannot give a fit or an honest interval."""
+        if not 0.0 < self.attribution_confidence < 1.0:
+            raise ValueError(
+                f"attribution_confidence must be in (0, 1), got {self.attribution_confidence}"
+            )
+        if not 0.0 <= self.attribution_warmup_fraction <= 0.5:
+            raise ValueError(
+                "attribution_warmup_fraction must be in [0, 0.5], "
+                f"got {self.attribution_warmup_fraction}"
+            )
+        if self.attribution_min_calls < 1 or self.attribution_warmup_calls < 0:
+            raise ValueError(
+                "attribution_min_calls must be at least 1 and attribution_warmup_calls "
+                f"at least 0, got {self.attribution_min_calls} and "
+                f"{self.attribution_warmup_calls}"
+            )
+        if self.attribution_min_leak_bytes < 0:
+            raise ValueError(
+                "attribution_min_leak_bytes must be at least 0, "
+                f"got {self.attribution_min_leak_bytes}"
+            )
+        # The solve is cubic in names and the pass over blocks quadratic: keep both bounded.
+        if not 1 <= self.attribution_max_names <= 256:
+            raise ValueError(
+                f"attribution_max_names must be in 1..256, got {self.attribution_max_names}"
+            )
+        if not 20 <= self.attribution_max_blocks <= 20_000:
+            raise ValueError(
+                f"attribution_max_blocks must be in 20..20000, got {self.attribution_max_blocks}"
+            )
 
 
 DEFAULT_THRESHOLDS = AnalysisThresholds()

@@ -19,7 +19,8 @@ __all__ = ["QUEUES", "app", "churn", "leaky", "nap"]
 DEMO_DIR_ENV = "CELERY_WARDEN_DEMO_DIR"
 QUEUES = ("leaky", "churn", "nap")
 _folder = Path(os.environ.get(DEMO_DIR_ENV) or tempfile.gettempdir()) / "broker"
-_folder.mkdir(parents=True, exist_ok=True)
+_control = _folder / "control"  # kombu keeps its exchange tables in ./control unless told
+_control.mkdir(parents=True, exist_ok=True)
 
 app = Celery("celery_warden_demo")
 app.conf.update(
@@ -28,6 +29,7 @@ app.conf.update(
         "data_folder_in": str(_folder),
         "data_folder_out": str(_folder),
         "store_processed": False,
+        "control_folder": str(_control),
         "polling_interval": 0.02,
     },
     task_ignore_result=True,

@@ -1,8 +1,9 @@
 """The JSON report: a stable, versioned document for scripts and alerting.
 
-The schema is ``schemas/report-v1.schema.json`` (documented in docs/report-schema.md).
+The schema is ``schemas/report-v2.schema.json`` (documented in docs/report-schema.md).
 Later versions only add fields; a consumer checks ``schema_version`` and ignores what
-it does not know.
+it does not know. Version 2 added, per task name, CPU time and the CPU/IO class, the
+exception types of failures, and ``memory``: retained bytes per call and the verdict.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from typing import IO, Any
 
 from celery_warden._records import GrowthFinding, MemoryFinding
 from celery_warden._version import __version__
-from celery_warden.analysis.report import ProcessReport, Report, WorkerReport
-from celery_warden.analysis.tasks import TaskSummary
+from celery_warden.analysis.attribution import TaskAttribution
+from celery_warden.analysis.report import ProcessReport, Report, TaskReport, WorkerReport
 
 __all__ = ["SCHEMA_VERSION", "JsonReporter"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _evidence(finding: MemoryFinding) -> dict[str, Any]:
@@ -96,7 +97,20 @@ def _worker(w: WorkerReport) -> dict[str, Any]:
     }
 
 
-def _task(t: TaskSummary) -> dict[str, Any]:
+def _memory(m: TaskAttribution, confidence: float) -> dict[str, Any]:
+    return {
+        "verdict": str(m.verdict),
+        "retained_bytes_per_call": m.retained_bytes_per_call,
+        "interval": {"low": m.interval_low, "high": m.interval_high, "confidence": confidence},
+        "calls": m.calls,
+        "processes": m.processes,
+        "py_blocks_per_call": m.py_blocks_per_call,
+        "reason": m.reason,
+    }
+
+
+def _task(report: TaskReport) -> dict[str, Any]:
+    t = report.summary
     return {
         "name": t.name,
         "calls": t.calls,
@@ -105,6 +119,14 @@ def _task(t: TaskSummary) -> dict[str, Any]:
         "wall_p50_seconds": t.wall_p50_seconds,
         "wall_p95_seconds": t.wall_p95_seconds,
         "wall_max_seconds": t.wall_max_seconds,
+        "cpu_p50_seconds": t.cpu_p50_seconds,
+        "cpu_p95_seconds": t.cpu_p95_seconds,
+        "cpu_ratio": None
+        if t.cpu_ratio_p50 is None
+        else {"p25": t.cpu_ratio_p25, "p50": t.cpu_ratio_p50, "p75": t.cpu_ratio_p75},
+        "cpu_class": t.cpu_class,
+        "exceptions": [{"type": kind, "count": count} for kind, count in t.exceptions],
+        "memory": None if report.memory is None else _memory(report.memory, report.confidence),
     }
 
 

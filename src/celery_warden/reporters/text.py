@@ -11,7 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from celery_warden._records import Role, Verdict
-from celery_warden.analysis._format import format_bytes, format_duration
+from celery_warden.analysis._format import format_bytes, format_duration, format_interval
+from celery_warden.analysis.attribution import TaskAttribution
 from celery_warden.analysis.report import ProcessReport, Report
 
 __all__ = ["TextReporter"]
@@ -77,6 +78,7 @@ class TextReporter:
         self._findings(console)
         if r.tasks:
             console.print(self._tasks())
+            self._task_findings(console)
         if r.session.probe_dropped:
             console.print(
                 f"[yellow]The probe dropped {r.session.probe_dropped} messages "
@@ -143,19 +145,61 @@ class TextReporter:
                 console.print(f"  [dim]{p.role} {p.pid}: not read: {', '.join(p.missing)}[/]")
 
     def _tasks(self) -> Table:
+        """Leaking task names first, with the bytes each call keeps; then how the calls
+        spend their time (CPU or waiting) and how they end."""
         table = Table(title="Tasks", title_justify="left")
-        for column in ("task", "calls", "failures", "retries", "wall p50", "wall p95", "wall max"):
-            table.add_column(column, justify="left" if column == "task" else "right")
+        columns = (
+            "memory",
+            "task",
+            "calls",
+            "kept/call",
+            "interval",
+            "class",
+            "cpu p50",
+            "wall p50",
+            "wall p95",
+            "failures",
+        )
+        for column in columns:
+            table.add_column(column, justify="left" if column in {"memory", "task"} else "right")
         for t in self.report.tasks:
+            s, m = t.summary, t.memory
+            kept, interval = _kept(m)
             table.add_row(
-                t.name,
-                f"{t.calls:,}",
-                f"{t.failures:,}",
-                f"{t.retries:,}",
-                f"{t.wall_p50_seconds * 1000:.1f} ms",
-                f"{t.wall_p95_seconds * 1000:.1f} ms",
-                f"{t.wall_max_seconds * 1000:.1f} ms",
+                _verdict(m.verdict) if m is not None else Text("-", style="dim"),
+                s.name,
+                f"{s.calls:,}",
+                kept,
+                interval,
+                s.cpu_class or "-",
+                _ms(s.cpu_p50_seconds),
+                _ms(s.wall_p50_seconds),
+                _ms(s.wall_p95_seconds),
+                f"{s.failures:,}",
             )
+        captions = []
+        if any(t.memory is not None for t in self.report.tasks):
+            level = self.report.tasks[0].confidence
+            captions.append(f"kept/call: memory each call leaves behind ({level:.0%} interval)")
         if self.report.tasks_running:
-            table.caption = f"{self.report.tasks_running} tasks still running or lost"
+            captions.append(f"{self.report.tasks_running} tasks still running or lost")
+        table.caption = "; ".join(captions) or None
         return table
+
+    def _task_findings(self, console: Console) -> None:
+        for t in self.report.tasks:
+            if t.leaks and t.memory is not None:
+                console.print(f"  [bold red]leak[/] in task {t.name}: {t.memory.reason}")
+
+
+def _kept(m: TaskAttribution | None) -> tuple[str, str]:
+    """Bytes kept per call and its interval, in one unit."""
+    if m is None or m.retained_bytes_per_call is None:
+        return "-", "-"
+    if m.interval_low is None or m.interval_high is None:
+        return format_bytes(m.retained_bytes_per_call), "-"
+    return format_interval(m.retained_bytes_per_call, m.interval_low, m.interval_high)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"

@@ -80,3 +80,10 @@ def retry_once(self: Any) -> int:
 @app.task(name='testapp.odd "näme"\t/\\')
 def odd_name() -> None:
     """A task name with quotes, a tab, a slash, a backslash and non-ASCII."""
+
+
+@app.task(name="testapp.churn")
+def churn(size_bytes: int = 4_000_000) -> int:
+    """Allocates ``size_bytes`` in small pieces and lets them all go: transient memory."""
+    pieces = [bytes(4000) for _ in range(size_bytes // 4000)]
+    return len(pieces)
