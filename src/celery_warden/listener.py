@@ -26,6 +26,7 @@ __all__ = ["ProbeListener", "bind_server"]
 log = logging.getLogger("celery_warden")
 
 _READ_SIZE = 256 * 1024
+_GATHER_SECONDS = 0.02
 _MAX_CLIENTS = 4096  # more pool processes than any host runs
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 
@@ -80,7 +81,11 @@ class ProbeListener:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._poll(0.2)
+            if self._poll(0.2):
+                # Let messages gather before reading again: a wake-up per message costs
+                # the warden more than decoding it, and the kernel buffers ~200 KB per
+                # process, seconds of messages even for the shortest tasks.
+                self._stop.wait(_GATHER_SECONDS)
 
     def _poll(self, timeout: float) -> int:
         events = self._selector.select(timeout)

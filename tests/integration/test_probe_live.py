@@ -16,7 +16,7 @@ import pytest
 from celery_warden.live import Activity
 from celery_warden.probe import SITE_DIR
 from celery_warden.probe._boot import PACKAGE_ENV, SOCKET_ENV
-from celery_warden.probe._hooks import HEARTBEAT_ENV
+from celery_warden.probe._hooks import BLOCKS_SAMPLE_ENV, HEARTBEAT_ENV
 from celery_warden.session import Session
 from celery_warden.store import Store
 from tests._support import reap_tree, wait_until
@@ -109,7 +109,8 @@ def test_each_call_records_cpu_memory_exceptions_and_retries(
     # GIVEN a worker under the warden
     store = tmp_path / "warden.db"
     argv = warden_command("run", "--store", str(store), "--", *worker_command(queue))
-    warden = spawn(argv, env=worker_env(broker))
+    # (the allocator's blocks are counted around every call, not a sample of them)
+    warden = spawn(argv, env=worker_env(broker) | {BLOCKS_SAMPLE_ENV: "1"})
     wait_until(
         lambda: _count(store, "SELECT count(*) FROM processes WHERE role = 'child'") == 2,
         what="two pool children",

@@ -49,7 +49,7 @@ def make_probe() -> Iterator[Callable[[str], Probe]]:
     made: list[Probe] = []
 
     def _make(path: str) -> Probe:
-        made.append(Probe(Channel(path), heartbeat_seconds=0))
+        made.append(Probe(Channel(path), heartbeat_seconds=0, blocks_sample=1.0))
         return made[-1]
 
     yield _make

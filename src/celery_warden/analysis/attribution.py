@@ -14,17 +14,23 @@ every tenth or hundredth call and the median delta is 0. So the calls are groupe
    (at least 8, and longer when there are more than ``attribution_max_blocks``
    blocks in all), so a block spans several allocator steps. A block's growth is
    the sum of its calls' deltas; its regressors are its calls of each name.
-3. **Fit.** The blocks of every process are pooled into one regression without
+3. **Jumps.** The blocks of every process are pooled into one regression without
    intercept, growth = Σ bytes_per_call[name] * calls[name], fitted with Huber's
    M-estimator by iteratively reweighted least squares. The scale is a high
    quantile of the residuals, not their MAD: when most blocks hold no allocator
-   step the MAD is near 0 and would clip the steps that *are* the leak, while a
-   one-off jump (a high-water mark raised once by a big transient allocation) is
-   rare, far out, and is down-weighted. A real leak recurs with every call.
-4. **Interval.** A heteroscedasticity-consistent sandwich covariance (HC1) of the
-   M-estimate, with a Student t quantile on the blocks' degrees of freedom. Blocks
-   that share an RSS reading have negatively correlated errors (the reading's
-   rounding enters one with + and the next with -), so ignoring that errs wide.
+   step the MAD is near 0 and would clip the steps that *are* the leak. A block far
+   outside the band (a high-water mark raised once by a big transient allocation)
+   is a one-off jump: its growth is replaced by what the fit predicts.
+4. **Levels.** The estimate itself comes from the memory *levels*: each process's
+   cumulative growth regressed on its cumulative calls per name, with a level of
+   its own per process. RSS noise is bounded (where a reading falls within a heap
+   step); differences double it at every block, levels do not, so the estimate
+   sharpens as fast as calls accumulate rather than as their square root.
+5. **Interval.** A sandwich covariance whose scores are summed over runs of
+   ``CLUSTER_POINTS`` neighbouring levels (they share their noise: a heap step
+   stays until trimmed), with a Student t quantile on the number of runs; the
+   least-called names share the "other" column until each column has at least
+   ``CLUSTERS_PER_COLUMN`` runs, or the interval is too narrow.
 
 Names with fewer than ``attribution_min_calls`` calls after warm-up, or beyond the
 ``attribution_max_names`` most called, share one "other" column: they still take

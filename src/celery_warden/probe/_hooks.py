@@ -21,7 +21,10 @@ is not recorded there (None), and wall time includes waiting for other greenlets
 
 from __future__ import annotations
 
+import json
+import json.encoder
 import os
+import random
 import sys
 import threading
 import time
@@ -30,14 +33,22 @@ from typing import Any
 from celery_warden.probe import wire
 from celery_warden.probe._channel import Channel
 
-__all__ = ["HEARTBEAT_ENV", "Probe", "connect"]
+__all__ = ["BLOCKS_SAMPLE_ENV", "HEARTBEAT_ENV", "Probe", "connect"]
 
 HEARTBEAT_ENV = "CELERY_WARDEN_HEARTBEAT_SECONDS"
+BLOCKS_SAMPLE_ENV = "CELERY_WARDEN_BLOCKS_SAMPLE"
 HEARTBEAT_SECONDS = 5.0
 SMAPS_SECONDS = 10.0  # at most one smaps_rollup read per process in this long
 
 _EX_RECYCLE = 0x9B  # billiard's exit code for a child that leaves by its own limits
 _MAX_RUNNING = 1024  # tasks remembered between prerun and postrun, per process
+_MAX_NAMES = 4096  # task names whose JSON form is cached
+BLOCKS_SAMPLE = 1 / 16  # the share of calls around which the allocator's blocks are counted
+
+# The two per-call messages are formatted by hand (docs/benchmarks.md: json.dumps cost a
+# third of the probe): numbers by repr, which is JSON for finite floats and for ints,
+# strings by the json module's own C escaper.
+_quote = json.encoder.encode_basestring_ascii
 _POOL_NAMES = {"thread": "threads"}  # module name -> the name `--pool` takes
 _GREEN_POOLS = frozenset({"gevent", "eventlet"})
 
@@ -51,11 +62,12 @@ def _read_start_ticks() -> int:
     return int(data[data.rfind(b")") + 2 :].split()[19])
 
 
-def _heartbeat_seconds() -> float:
+def _env_float(name: str, default: float) -> float:
     try:
-        return float(os.environ.get(HEARTBEAT_ENV, HEARTBEAT_SECONDS))
+        value = float(os.environ.get(name, default))
     except ValueError:
-        return HEARTBEAT_SECONDS
+        return default
+    return value if value >= 0 else default
 
 
 def _parse_smaps_rollup(data: bytes) -> tuple[int | None, int | None]:
@@ -72,16 +84,25 @@ def _parse_smaps_rollup(data: bytes) -> tuple[int | None, int | None]:
 class Probe:
     """Per-process state of the probe; survives fork by re-reading its identity."""
 
-    def __init__(self, channel: Channel, *, heartbeat_seconds: float | None = None) -> None:
+    def __init__(
+        self,
+        channel: Channel,
+        *,
+        heartbeat_seconds: float | None = None,
+        blocks_sample: float | None = None,
+    ) -> None:
         self.channel = channel
+        if blocks_sample is None:
+            blocks_sample = _env_float(BLOCKS_SAMPLE_ENV, BLOCKS_SAMPLE)
+        self.blocks_sample = blocks_sample
         self.errors = 0
         self.tasks_done = 0
         self.max_tasks_per_child: int | None = None
         self.max_memory_per_child_kb: int | None = None
         self.green = False  # gevent/eventlet: one thread runs every task
-        self.heartbeat_seconds = (
-            _heartbeat_seconds() if heartbeat_seconds is None else heartbeat_seconds
-        )
+        if heartbeat_seconds is None:
+            heartbeat_seconds = _env_float(HEARTBEAT_ENV, HEARTBEAT_SECONDS)
+        self.heartbeat_seconds = heartbeat_seconds
         self._pid = 0
         self._ticks = 0
         self._statm = -1
@@ -89,6 +110,7 @@ class Probe:
         self._smaps_due = 0.0
         self._page_size = os.sysconf("SC_PAGE_SIZE")
         self._running: dict[str, list[Any]] = {}
+        self._quoted_names: dict[object, str] = {}
         self._beating_in = 0  # the pid whose heartbeat thread runs (threads die at fork)
         self._stop = threading.Event()
 
@@ -180,27 +202,45 @@ class Probe:
     def on_task_prerun(self, task_id: str = "", task: Any = None, **_: Any) -> None:
         """task_prerun: remember when and how the call started, and say so."""
         try:
-            pid, ticks = self._identity()
+            pid, ticks = self._pid, self._ticks
+            if os.getpid() != pid:
+                pid, ticks = self._identity()
             if self._beating_in != pid:
                 self._start_heartbeat()  # solo and threads pools run tasks in the master
             started = time.time()
             if len(self._running) >= _MAX_RUNNING:
                 self._running.clear()  # bounded: lost postruns must not grow this
-            name = str(getattr(task, "name", "?"))[: wire.MAX_NAME]
+            name = task.name
+            quoted = self._quoted_names.get(name)
+            if quoted is None:
+                quoted = self._quote_name(name)
             retries = getattr(getattr(task, "request", None), "retries", 0)
-            self._running[str(task_id)] = [
+            task_id = str(task_id)
+            self._running[task_id] = [
                 started,
                 time.monotonic(),
                 time.thread_time(),
-                sys.getallocatedblocks(),
+                # The allocator's block count walks its pools (it costs more as the heap
+                # grows), so it is read around a random sample of calls: the mean per
+                # call stays unbiased and the cost a fraction.
+                sys.getallocatedblocks() if random.random() < self.blocks_sample else None,  # noqa: S311 - sampling, not secrets
                 threading.get_ident(),
-                name,
+                quoted,
                 None,
                 retries if isinstance(retries, int) else 0,
             ]
-            self.channel.send(wire.encode("s", pid, ticks, task_id, name, started))
+            self.channel.send(
+                f'["s",{pid},{ticks},{_quote(task_id)},{quoted},{started!r}]\n'.encode()
+            )
         except Exception:
             self.errors += 1
+
+    def _quote_name(self, name: object) -> str:
+        """A task name as a JSON string, truncated; cached, there are few names."""
+        if len(self._quoted_names) >= _MAX_NAMES:
+            self._quoted_names.clear()
+        quoted = self._quoted_names[name] = _quote(str(name)[: wire.MAX_NAME])
+        return quoted
 
     def on_task_failure(
         self, task_id: str = "", exception: BaseException | None = None, **_: Any
@@ -227,40 +267,35 @@ class Probe:
     ) -> None:
         """task_postrun: how it ended, what it cost, and the memory right after."""
         try:
-            pid, ticks = self._identity()
-            ended, now = time.time(), time.monotonic()
-            cpu_now, blocks_now = time.thread_time(), sys.getallocatedblocks()
+            pid, ticks = self._pid, self._ticks
+            if os.getpid() != pid:
+                pid, ticks = self._identity()
+            ended, now, cpu_now = time.time(), time.monotonic(), time.thread_time()
             call = self._running.pop(str(task_id), None)
             self.tasks_done += 1
             if call is None:
                 # A postrun without its prerun (the table was cleared, or a process
                 # forked inside the task) still counts, with what can be known.
-                name = str(getattr(task, "name", "?"))[: wire.MAX_NAME]
-                call = [ended, now, None, None, 0, name, None, 0]
-            cpu = None
+                call = [ended, now, None, None, 0, self._quote_name(task.name), None, 0]
+            cpu = "null"
             if call[_T_CPU] is not None and not self.green:
-                cpu = max(0.0, cpu_now - call[_T_CPU])
-            blocks = None if call[_T_BLOCKS] is None else blocks_now - call[_T_BLOCKS]
-            uss, pss = self.smaps_if_due(now)
-            message = wire.encode(
-                "f",
-                pid,
-                ticks,
-                task_id,
-                call[_T_NAME],
-                call[_T_EPOCH],
-                ended,
-                now - call[_T_MONO],
-                state or "",
-                self.rss_bytes(),
-                cpu,
-                uss,
-                pss,
-                blocks,
-                call[_T_EXC],
-                call[_T_RETRIES],
+                cpu = repr(max(0.0, cpu_now - call[_T_CPU]))
+            blocks = "null"
+            if call[_T_BLOCKS] is not None:
+                blocks = str(sys.getallocatedblocks() - call[_T_BLOCKS])
+            uss = pss = None
+            if now >= self._smaps_due:
+                uss, pss = self.smaps_if_due(now)
+            rss = self.rss_bytes()
+            exception = call[_T_EXC]
+            message = (
+                f'["f",{pid},{ticks},{_quote(str(task_id))},{call[_T_NAME]},{call[_T_EPOCH]!r},'
+                f"{ended!r},{now - call[_T_MONO]!r},{_quote(str(state or ''))},"
+                f"{'null' if rss is None else rss},{cpu},{'null' if uss is None else uss},"
+                f"{'null' if pss is None else pss},{blocks},"
+                f"{'null' if exception is None else _quote(exception)},{call[_T_RETRIES]}]\n"
             )
-            self.channel.send(message)
+            self.channel.send(message.encode())
         except Exception:
             self.errors += 1
 
@@ -307,7 +342,8 @@ class Probe:
                     cpu = max(0.0, time.clock_gettime(clock) - call[_T_CPU])
                 except (OSError, OverflowError):
                     cpu = None  # the thread is gone: the call ended under us
-            running.append([task_id, call[_T_NAME], call[_T_EPOCH], cpu])
+            name = json.loads(call[_T_NAME])  # kept JSON-quoted for the per-call messages
+            running.append([task_id, name, call[_T_EPOCH], cpu])
         return wire.encode("h", pid, ticks, time.time(), self.channel.dropped, running)
 
     def _start_heartbeat(self) -> None:
