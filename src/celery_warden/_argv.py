@@ -47,6 +47,9 @@ def _celery_program_index(argv: Sequence[str]) -> int | None:
         return i + 1
     if i < len(argv) and os.path.basename(argv[i]) == "celery":
         return i
+    # `python -m celery` re-execs itself on SIGHUP as `python .../celery/__main__.py`.
+    if i < len(argv) and argv[i].replace(os.sep, "/").endswith("celery/__main__.py"):
+        return i
     return None
 
 

@@ -72,6 +72,10 @@ def install(
         except Exception as exc:  # the worker must start whatever happens here
             log.warning("celery-warden: the collector did not start (%s); not recording", exc)
             return
+        # A worker restarted by SIGHUP re-execs itself with the same PID: its collector
+        # goes on, and the environment, which survives the exec, leads the new image's
+        # install() back to it instead of starting a second one.
+        os.environ[SOCKET_ENV] = socket_path
         connect(socket_path)
 
     signals.worker_init.connect(on_worker_init, weak=False, dispatch_uid="celery_warden.install")
@@ -109,6 +113,10 @@ def _start_collector(store: str | os.PathLike[str] | None, interval_seconds: flo
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+    except BaseException:
+        os.unlink(socket_path)
+        os.rmdir(private_dir)
+        raise
     finally:
         server.close()  # the collector holds it now; pool children must not
     return socket_path

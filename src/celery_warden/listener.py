@@ -73,6 +73,7 @@ class ProbeListener:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._server, selectors.EVENT_READ)
         self._buffers: dict[socket.socket, bytes] = {}
+        self._skipping: set[socket.socket] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="warden-probe", daemon=True)
 
@@ -122,17 +123,29 @@ class ProbeListener:
             self._drop(conn)
             return
         *lines, rest = (self._buffers[conn] + data).split(b"\n")
+        if conn in self._skipping:  # inside a line too long to be a probe's
+            if lines:
+                self._skipping.discard(conn)
+                lines = lines[1:]  # its end
+            else:
+                rest = b""
         if len(rest) > wire.MAX_LINE:
+            # No probe writes a line this long: count it and read on from the next
+            # newline, rather than close the connection and lose what follows.
             self.malformed += 1
-            self._drop(conn)
-            return
+            self._skipping.add(conn)
+            rest = b""
         self._buffers[conn] = rest
         for line in lines:
-            self._handle(line)
+            if len(line) > wire.MAX_LINE:
+                self.malformed += 1
+            else:
+                self._handle(line)
 
     def _drop(self, conn: socket.socket) -> None:
         self._selector.unregister(conn)
         self._buffers.pop(conn, None)
+        self._skipping.discard(conn)
         conn.close()
 
     def _handle(self, line: bytes) -> None:

@@ -23,6 +23,9 @@ from celery_warden._records import (
 
 __all__ = ["Activity", "LiveView"]
 
+_MAX_PROCESSES = 10_000
+_SILENT_SECONDS = 600.0
+
 
 @dataclass(frozen=True, slots=True)
 class Activity:
@@ -64,6 +67,8 @@ class LiveView:
             if not isinstance(message, TaskStarted | TaskFinished | Heartbeat | ProcessInfo):
                 return
             key = (message.pid, message.start_ticks)
+            if key not in self._states and len(self._states) >= _MAX_PROCESSES:
+                self._forget_silent(now)
             state = self._states.setdefault(key, _State())
             state.heard_at = now
             if isinstance(message, TaskStarted):
@@ -75,6 +80,13 @@ class LiveView:
             elif isinstance(message, Heartbeat):
                 state.heartbeat_at = now
                 state.running = {task.task_id: task for task in message.running}
+
+    def _forget_silent(self, now: float) -> None:
+        """Bounded: processes whose end was never seen (a program a task spawned that
+        inherited the probe's socket) are forgotten once silent for a while."""
+        for key, state in list(self._states.items()):
+            if now - state.heard_at > _SILENT_SECONDS:
+                del self._states[key]
 
     def activity(self) -> list[Activity]:
         """Every process heard from and not known to have ended, by pid."""

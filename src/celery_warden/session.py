@@ -135,7 +135,10 @@ class Session:
         self._started = True
         if self._listen_on is not None:
             path, server = self._listen_on
-            self._private_dir = os.path.dirname(path)
+            # The directory install(app) made; only a directory it would have made is
+            # ever removed (a hand-run `collect --socket ~/x/p.sock` keeps ~/x).
+            if os.path.basename(os.path.dirname(path)).startswith("celery-warden-"):
+                self._private_dir = os.path.dirname(path)
             self.listener = ProbeListener(path, self._deliver, server=server)
             self.listener.start()
         elif self._with_probe:
@@ -240,11 +243,21 @@ class Session:
                 else:
                     time.sleep(0.2)
             except Exception as exc:  # noqa: BLE001 - the writer must outlive any bad record
-                self.store_errors += 1
-                log.warning("store write failed (%s); %d records lost", exc, len(records))
+                self._write_one_by_one(records, exc)
                 return
             else:
                 return
+
+    def _write_one_by_one(self, records: list[Record], first: Exception) -> None:
+        """A record the store refuses must not take its whole batch down with it."""
+        lost = 0
+        for record in records:
+            try:
+                self.store.write(self.session_id, [record])
+            except Exception:  # noqa: BLE001 - as above
+                lost += 1
+        self.store_errors += 1
+        log.warning("store write failed (%s); %d records lost", first, lost)
 
     def _retain(self) -> None:
         try:

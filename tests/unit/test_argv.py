@@ -45,3 +45,11 @@ def test_a_setproctitle_pool_child_is_a_pool_title() -> None:
     """A setproctitle'd pool child is told apart from its master."""
     assert is_pool_title(["[celeryd: w1@host:ForkPoolWorker-3]"])
     assert not is_pool_title(["[celeryd: w1@host:MainProcess]"])
+
+
+def test_a_worker_reexecuted_by_sighup_is_still_a_worker() -> None:
+    """`python -m celery ... worker` re-execs itself as `python .../celery/__main__.py`
+    on SIGHUP; it is still the same worker."""
+    argv = ["/venv/bin/python", "/venv/lib/python3.11/site-packages/celery/__main__.py"]
+    assert is_worker_argv([*argv, "-A", "proj", "worker", "-c", "2"])
+    assert not is_worker_argv([*argv, "-A", "proj", "beat"])

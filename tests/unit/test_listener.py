@@ -32,16 +32,23 @@ def test_bad_lines_are_counted_and_the_listener_goes_on(tmp_path: Path) -> None:
         listener.stop()
 
 
-def test_a_line_longer_than_any_message_drops_that_client(tmp_path: Path) -> None:
-    """A client that never ends its line is cut off once past the size limit."""
-    listener = ProbeListener(str(tmp_path / "probe.sock"), lambda _m: None)
+def test_a_line_longer_than_any_message_is_skipped_not_buffered(tmp_path: Path) -> None:
+    """A line past the size limit is counted and skipped without holding it in memory;
+    the connection stays, and the next line is read."""
+    delivered: list[wire.Message] = []
+    listener = ProbeListener(str(tmp_path / "probe.sock"), delivered.append)
     listener.start()
+    good = wire.encode("s", 1, 2, "id", "proj.add", 3.0)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
             client.connect(listener.path)
             client.sendall(b"x" * (wire.MAX_LINE + 10))
-            wait_until(lambda: listener.malformed == 1, timeout=10, what="the cut-off")
+            wait_until(lambda: listener.malformed == 1, timeout=10, what="the long line")
+            client.sendall(b"x" * (3 * wire.MAX_LINE))  # still the same line
             time.sleep(0.1)
-            assert client.recv(1) == b""  # the warden closed its end
+            client.sendall(b"x\n" + good)
+            wait_until(lambda: delivered, timeout=10, what="the line after it")
+        assert listener.malformed == 1
+        assert listener.received == 1
     finally:
         listener.stop()

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -302,3 +303,61 @@ def test_the_heartbeat_thread_beats_on_its_own(receiver: Receiver) -> None:
         assert Heartbeat in kinds
     finally:
         probe.close()
+
+
+class OddTask:
+    """A task whose name needs escaping and whose retry count is not an int."""
+
+    name = 'proj.odd "näme"\n\t'
+
+    class request:  # stands in for the request attribute
+        retries = True
+
+
+def test_odd_names_ids_and_retry_counts_still_make_valid_messages(
+    receiver: Receiver, make_probe: Callable[[str], Probe]
+) -> None:
+    """Quotes, newlines, non-ASCII, a 10 KB task id, a bool retry count: each message
+    still decodes, the id is cut to the wire's limit."""
+    probe = make_probe(receiver.path)
+    long_id = "x" * 10_000
+    probe.on_task_prerun(task_id=long_id, task=OddTask())
+    probe.on_task_postrun(task_id=long_id, task=OddTask(), state="SUCCESS")
+    started, _ = wire.decode(receiver.recv())
+    finished, _ = wire.decode(receiver.recv())
+    assert isinstance(started, TaskStarted)
+    assert isinstance(finished, TaskFinished)
+    assert finished.name == OddTask.name
+    assert finished.task_id == long_id[: wire.MAX_NAME]
+    assert finished.retries == 0
+    assert finished.wall_seconds >= 0
+    assert probe.errors == 0
+
+
+def test_the_same_task_id_in_two_threads_keeps_two_calls_apart(
+    receiver: Receiver, make_probe: Callable[[str], Probe]
+) -> None:
+    """A redelivered id running twice at once (threads pool): each call is measured on
+    its own thread."""
+    import threading
+
+    probe = make_probe(receiver.path)
+    release = threading.Event()
+
+    def call() -> None:
+        probe.on_task_prerun(task_id="same", task=FakeTask())
+        release.wait(5)
+        probe.on_task_postrun(task_id="same", task=FakeTask(), state="SUCCESS")
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    release.set()
+    for thread in threads:
+        thread.join()
+    messages = [wire.decode(receiver.recv())[0] for _ in range(4)]
+    finished = [m for m in messages if isinstance(m, TaskFinished)]
+    assert len(finished) == 2
+    assert all(f.wall_seconds >= 0.15 for f in finished)
+    assert all(f.cpu_seconds is not None for f in finished)

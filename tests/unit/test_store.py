@@ -226,3 +226,21 @@ def test_an_empty_session_is_not_kept(tmp_path: Path) -> None:
     store.end_session(session, 0, 0)
     assert store.connection.execute("SELECT count(*) FROM sessions").fetchone() == (0,)
     store.close()
+
+
+def test_a_record_the_store_refuses_loses_only_itself(tmp_path: Path) -> None:
+    """One bad record in a batch (text SQLite cannot encode) costs only that record."""
+    from celery_warden.session import Session
+
+    store = Store.open(tmp_path / "w.db")
+    session = Session(store, mode="run", command="test", with_probe=False)
+    session.session_id = store.begin_session("run", "test", 1.0)
+    child = ProcessInfo(7, 70, 1, Role.CHILD, 1.0, "celery worker", 1)
+    bad = TaskStarted(7, 70, "id-\ud800", "proj.add", 2.0)
+    good = TaskStarted(7, 70, "id-2", "proj.add", 3.0)
+    session._write([child, bad, good])
+    rows = store.connection.execute("SELECT task_id FROM tasks").fetchall()
+    assert rows == [("id-2",)]
+    assert store.connection.execute("SELECT count(*) FROM processes").fetchone() == (1,)
+    assert session.store_errors == 1
+    store.close()

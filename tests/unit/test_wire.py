@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from celery_warden._records import EndReason, Heartbeat, TaskFinished, TaskState
+from celery_warden._records import EndReason, Heartbeat, TaskFinished, TaskStarted, TaskState
 from celery_warden.probe import wire
 
 
@@ -72,3 +72,15 @@ def test_a_heartbeat_decodes_and_a_bad_one_is_refused() -> None:
     for bad in ("nope", [["id", "n"]], [["id", "n", "nan", 1]]):
         with pytest.raises((ValueError, TypeError)):
             wire.decode(wire.encode("h", 7, 70, 5.0, 0, bad))
+
+
+def test_text_sqlite_cannot_store_is_escaped_and_absurd_numbers_refused() -> None:
+    """A lone surrogate (valid JSON, not UTF-8) is escaped so the store can keep it;
+    an infinite or huge number is a ValueError like any malformed field."""
+    message, _ = wire.decode(b'["s",1,2,"id-\\ud800","n\\udfff",3.0]')
+    assert isinstance(message, TaskStarted)
+    message.task_id.encode("utf-8")
+    message.name.encode("utf-8")
+    for bad in (b'["s",1e999,2,"id","n",3.0]', b'["s",1,2,"id","n",' + b"9" * 400 + b"]"):
+        with pytest.raises(ValueError, match=r"range|integer"):
+            wire.decode(bad)

@@ -160,7 +160,7 @@ def build_report(snapshot: Snapshot, thresholds: AnalysisThresholds = DEFAULT_TH
 def _tasks(snapshot: Snapshot, thresholds: AnalysisThresholds) -> list[TaskReport]:
     """Per task name, its summary and its share of the growth, leaking names first."""
     runs = [history.tasks for history in snapshot.processes if history.tasks]
-    summaries = summarize_tasks(task for calls in runs for task in calls)
+    summaries = summarize_tasks((task for calls in runs for task in calls), thresholds)
     measured = [calls for calls in runs if any(t.rss_after_bytes is not None for t in calls)]
     memory = {a.name: a for a in attribute_growth(measured, thresholds)} if measured else {}
     reports = [

@@ -7,8 +7,8 @@ task into the store until the worker has ended.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -56,7 +56,10 @@ def command(
         store = Store.open(resolve_store(store_path))
     except BaseException:
         server.close()
-        shutil.rmtree(os.path.dirname(socket_path), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.unlink(socket_path)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(socket_path))  # only if it is empty
         raise
     try:
         session = Session(

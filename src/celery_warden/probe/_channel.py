@@ -15,12 +15,26 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 __all__ = ["Channel"]
 
 _RETRY_SECONDS = 1.0
 _MAX_PENDING = 64 * 1024  # the unsent tail of a message cut short by a full buffer
+
+
+def _renew_lock_after_fork(owner: object) -> None:
+    """Give ``owner`` a fresh ``_lock`` in a forked child: a task that forks while the
+    heartbeat thread is sending would hand the child a lock nobody will release."""
+    ref = weakref.ref(owner)
+
+    def renew() -> None:
+        alive = ref()
+        if alive is not None:
+            alive._lock = threading.Lock()  # type: ignore[attr-defined]
+
+    os.register_at_fork(after_in_child=renew)
 
 
 class Channel:
@@ -35,6 +49,7 @@ class Channel:
         self._pending = b""
         self._retry_at = 0.0
         self._lock = threading.Lock()
+        _renew_lock_after_fork(self)
 
     def close(self) -> None:
         if self._sock is not None:

@@ -109,10 +109,12 @@ class Probe:
         self._smaps = -1
         self._smaps_due = 0.0
         self._page_size = os.sysconf("SC_PAGE_SIZE")
-        self._running: dict[str, list[Any]] = {}
+        # Keyed by task id and thread: a redelivered id may run twice at once (threads).
+        self._running: dict[tuple[str, int], list[Any]] = {}
         self._quoted_names: dict[object, str] = {}
         self._beating_in = 0  # the pid whose heartbeat thread runs (threads die at fork)
         self._stop = threading.Event()
+        self._heartbeat_lock = threading.Lock()
 
     def _identity(self) -> tuple[int, int]:
         pid = os.getpid()
@@ -215,8 +217,9 @@ class Probe:
             if quoted is None:
                 quoted = self._quote_name(name)
             retries = getattr(getattr(task, "request", None), "retries", 0)
-            task_id = str(task_id)
-            self._running[task_id] = [
+            task_id = str(task_id)[: wire.MAX_NAME]
+            thread = threading.get_ident()
+            self._running[task_id, thread] = [
                 started,
                 time.monotonic(),
                 time.thread_time(),
@@ -224,10 +227,10 @@ class Probe:
                 # grows), so it is read around a random sample of calls: the mean per
                 # call stays unbiased and the cost a fraction.
                 sys.getallocatedblocks() if random.random() < self.blocks_sample else None,  # noqa: S311 - sampling, not secrets
-                threading.get_ident(),
+                thread,
                 quoted,
                 None,
-                retries if isinstance(retries, int) else 0,
+                retries if type(retries) is int else 0,
             ]
             self.channel.send(
                 f'["s",{pid},{ticks},{_quote(task_id)},{quoted},{started!r}]\n'.encode()
@@ -255,7 +258,7 @@ class Probe:
 
     def _note_exception(self, task_id: object, exception: object) -> None:
         try:
-            call = self._running.get(str(task_id))
+            call = self._running.get((str(task_id)[: wire.MAX_NAME], threading.get_ident()))
             if call is not None and isinstance(exception, BaseException):
                 kind = type(exception)
                 call[_T_EXC] = f"{kind.__module__}.{kind.__qualname__}"[: wire.MAX_NAME]
@@ -271,7 +274,8 @@ class Probe:
             if os.getpid() != pid:
                 pid, ticks = self._identity()
             ended, now, cpu_now = time.time(), time.monotonic(), time.thread_time()
-            call = self._running.pop(str(task_id), None)
+            task_id = str(task_id)[: wire.MAX_NAME]
+            call = self._running.pop((task_id, threading.get_ident()), None)
             self.tasks_done += 1
             if call is None:
                 # A postrun without its prerun (the table was cleared, or a process
@@ -289,7 +293,7 @@ class Probe:
             rss = self.rss_bytes()
             exception = call[_T_EXC]
             message = (
-                f'["f",{pid},{ticks},{_quote(str(task_id))},{call[_T_NAME]},{call[_T_EPOCH]!r},'
+                f'["f",{pid},{ticks},{_quote(task_id)},{call[_T_NAME]},{call[_T_EPOCH]!r},'
                 f"{ended!r},{now - call[_T_MONO]!r},{_quote(str(state or ''))},"
                 f"{'null' if rss is None else rss},{cpu},{'null' if uss is None else uss},"
                 f"{'null' if pss is None else pss},{blocks},"
@@ -331,17 +335,24 @@ class Probe:
 
     def heartbeat(self) -> bytes:
         """The heartbeat message: the tasks this process runs now, since when, and the
-        CPU each one's thread has used so far."""
+        CPU each one's thread has used so far. It stays within the listener's line
+        limit: past it, the tasks that do not fit are left out of this beat."""
         pid, ticks = self._identity()
-        running = []
-        for task_id, call in list(self._running.items())[: wire.MAX_RUNNING]:
+        alive = {thread.ident for thread in threading.enumerate()}
+        running: list[list[Any]] = []
+        size = 200
+        for (task_id, thread), call in list(self._running.items())[: wire.MAX_RUNNING]:
             cpu = None
-            if not self.green and call[_T_CPU] is not None:
+            # Only a live thread's clock may be read: a finished thread's id is stale.
+            if not self.green and call[_T_CPU] is not None and thread in alive:
                 try:
-                    clock = time.pthread_getcpuclockid(call[_T_THREAD])
+                    clock = time.pthread_getcpuclockid(thread)
                     cpu = max(0.0, time.clock_gettime(clock) - call[_T_CPU])
                 except (OSError, OverflowError):
-                    cpu = None  # the thread is gone: the call ended under us
+                    cpu = None  # the call ended under us
+            size += len(task_id) + len(call[_T_NAME]) + 60
+            if size > wire.MAX_LINE // 2:
+                break
             name = json.loads(call[_T_NAME])  # kept JSON-quoted for the per-call messages
             running.append([task_id, name, call[_T_EPOCH], cpu])
         return wire.encode("h", pid, ticks, time.time(), self.channel.dropped, running)
@@ -350,9 +361,10 @@ class Probe:
         """Start this process's heartbeat thread (threads do not survive a fork, so a
         pool child starts its own)."""
         pid = os.getpid()
-        if self._beating_in == pid or self.heartbeat_seconds <= 0:
-            return
-        self._beating_in = pid
+        with self._heartbeat_lock:  # two first tasks at once in a threads pool
+            if self._beating_in == pid or self.heartbeat_seconds <= 0:
+                return
+            self._beating_in = pid
         self._stop = threading.Event()
         thread = threading.Thread(
             target=self._beat, args=(self._stop,), name="celery-warden-heartbeat", daemon=True

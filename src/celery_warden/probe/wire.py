@@ -60,7 +60,20 @@ def encode(kind: str, *fields: object) -> bytes:
 _MAX_INT = 2**63 - 1  # what SQLite's INTEGER holds
 
 
+def _str(value: object, limit: int = MAX_LINE) -> str:
+    """Text as SQLite can store it: a lone surrogate (valid in JSON, not in UTF-8)
+    is escaped rather than failing a whole batch of writes."""
+    text = str(value)[:limit]
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def _int(value: object) -> int:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"not an integer: {value}")
     number: int = int(value)  # type: ignore[call-overload]
     if not -_MAX_INT <= number <= _MAX_INT:
         raise ValueError(f"integer out of range: {number}")
@@ -76,7 +89,10 @@ def _opt_float(value: object) -> float | None:
 
 
 def _float(value: object) -> float:
-    number = float(value)  # type: ignore[arg-type]
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        raise ValueError("number out of range") from None
     if not math.isfinite(number):
         raise ValueError(f"not a finite number: {number}")
     return number
@@ -99,8 +115,8 @@ def decode(data: bytes) -> tuple[Message, int]:
             TaskFinished(
                 _int(pid),
                 _int(ticks),
-                str(task_id),
-                str(name),
+                _str(task_id, MAX_NAME),
+                _str(name, MAX_NAME),
                 _float(t_end),
                 _float(wall),
                 _STATES.get(str(state).lower(), TaskState.FAILURE),
@@ -110,7 +126,7 @@ def decode(data: bytes) -> tuple[Message, int]:
                 uss_after_bytes=_opt_int(uss),
                 pss_after_bytes=_opt_int(pss),
                 py_blocks_delta=_opt_int(blocks),
-                exception=None if exception is None else str(exception)[:MAX_NAME],
+                exception=None if exception is None else _str(exception, MAX_NAME),
                 retries=_int(retries or 0),
             ),
             0,
@@ -121,14 +137,19 @@ def decode(data: bytes) -> tuple[Message, int]:
             raise ValueError("bad running list")
         tasks = tuple(
             RunningTask(
-                str(task_id), str(name), _float(since), None if cpu is None else _float(cpu)
+                _str(task_id, MAX_NAME),
+                _str(name, MAX_NAME),
+                _float(since),
+                None if cpu is None else _float(cpu),
             )
             for task_id, name, since, cpu in running
         )
         return Heartbeat(_int(pid), _int(ticks), _float(t), tasks), _int(dropped)
     if kind == "s":
         pid, ticks, task_id, name, t_start = fields
-        return TaskStarted(_int(pid), _int(ticks), str(task_id), str(name), _float(t_start)), 0
+        return TaskStarted(
+            _int(pid), _int(ticks), _str(task_id, MAX_NAME), _str(name, MAX_NAME), _float(t_start)
+        ), 0
     if kind == "x":
         pid, ticks, t, code, reason, dropped = fields
         end = ProcessEnd(
@@ -142,7 +163,13 @@ def decode(data: bytes) -> tuple[Message, int]:
     if kind == "c":
         pid, ticks, ppid, t, cmdline = fields
         child = ProcessInfo(
-            _int(pid), _int(ticks), _int(ppid), Role.CHILD, _float(t), str(cmdline), _int(ppid)
+            _int(pid),
+            _int(ticks),
+            _int(ppid),
+            Role.CHILD,
+            _float(t),
+            _str(cmdline, 1000),
+            _int(ppid),
         )
         return child, 0
     if kind == "w":
@@ -150,8 +177,8 @@ def decode(data: bytes) -> tuple[Message, int]:
         info = WorkerInfo(
             _int(pid),
             _int(ticks),
-            str(node),
-            str(pool),
+            _str(node, MAX_NAME),
+            _str(pool, MAX_NAME),
             _int(concurrency),
             None if max_tasks is None else _int(max_tasks),
             None if max_mem is None else _int(max_mem),

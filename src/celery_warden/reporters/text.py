@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from celery_warden._records import Role, Verdict
-from celery_warden.analysis._format import format_bytes, format_duration, format_interval
+from celery_warden.analysis._format import bytes_unit, format_bytes, format_duration
 from celery_warden.analysis.attribution import TaskAttribution
 from celery_warden.analysis.report import ProcessReport, Report
 
@@ -198,7 +198,9 @@ def _kept(m: TaskAttribution | None) -> tuple[str, str]:
         return "-", "-"
     if m.interval_low is None or m.interval_high is None:
         return format_bytes(m.retained_bytes_per_call), "-"
-    return format_interval(m.retained_bytes_per_call, m.interval_low, m.interval_high)
+    unit = bytes_unit(max(abs(m.interval_low), abs(m.interval_high)))
+    low, high = (format_bytes(v, unit, sign="+") for v in (m.interval_low, m.interval_high))
+    return format_bytes(m.retained_bytes_per_call, unit), f"{low} to {high}"
 
 
 def _ms(seconds: float | None) -> str:
