@@ -48,6 +48,8 @@ MAX_LINE = 16 * 1024  # a longer line is not a probe message
 Message = WorkerInfo | ProcessInfo | TaskStarted | TaskFinished | ProcessEnd | Heartbeat
 MAX_RUNNING = 256  # tasks one heartbeat may list (a threads pool of that many is rare)
 
+_scan = json.JSONDecoder().scan_once
+
 _STATES = {state.value: state for state in TaskState}
 _REASONS = {reason.value: reason for reason in EndReason}
 
@@ -63,6 +65,8 @@ _MAX_INT = 2**63 - 1  # what SQLite's INTEGER holds
 def _str(value: object, limit: int = MAX_LINE) -> str:
     """Text as SQLite can store it: a lone surrogate (valid in JSON, not in UTF-8)
     is escaped rather than failing a whole batch of writes."""
+    if type(value) is str and len(value) <= limit and value.isascii():
+        return value  # the common case, at once
     text = str(value)[:limit]
     try:
         text.encode("utf-8")
@@ -72,6 +76,8 @@ def _str(value: object, limit: int = MAX_LINE) -> str:
 
 
 def _int(value: object) -> int:
+    if type(value) is int and -_MAX_INT <= value <= _MAX_INT:
+        return value
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"not an integer: {value}")
     number: int = int(value)  # type: ignore[call-overload]
@@ -89,6 +95,8 @@ def _opt_float(value: object) -> float | None:
 
 
 def _float(value: object) -> float:
+    if type(value) is float and math.isfinite(value):
+        return value
     try:
         number = float(value)  # type: ignore[arg-type]
     except OverflowError:
@@ -104,7 +112,13 @@ def decode(data: bytes) -> tuple[Message, int]:
     Raises ValueError or TypeError for anything malformed; the caller counts and
     skips it, since the socket may be written by any process of the same user.
     """
-    message = json.loads(data)
+    text = data.decode("utf-8")
+    try:
+        message, end = _scan(text, 0)  # the C scanner, without json.loads's layers
+    except StopIteration:
+        raise ValueError("not JSON") from None
+    if end != len(text) and text[end:].strip():
+        raise ValueError("extra data after the message")
     if not isinstance(message, list) or not message:
         raise ValueError("not a message")
     kind, fields = message[0], message[1:]
