@@ -3,7 +3,7 @@
 Each script measures celery-warden against its alternative in one run and prints
 Markdown tables (the ones docs/benchmarks.md records) and whether each target is met.
 ``make bench`` runs this; run a script alone for its options (``--help``).
-The whole takes about 11 minutes on 2 cores (bench_probe.py needs Redis).
+The whole takes about 13 minutes on 2 cores (bench_probe.py needs Redis).
 """
 
 from __future__ import annotations
