@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -255,3 +256,47 @@ def test_the_celery_plugin_runs_a_worker_under_the_warden(
     )
     assert cpu["testapp.spin"] > 0.3  # type: ignore[operator] - two spin at once, one GIL
     assert cpu["testapp.nap"] < 0.2  # type: ignore[operator]
+
+
+def test_install_survives_a_sighup_restart_with_one_collector(
+    spawn: Spawn, send: Callable[..., None], broker: str, queue: str, tmp_path: Path
+) -> None:
+    """A worker without a terminal restarts on SIGHUP by re-executing itself (same PID):
+    the new image finds the collector already running, and tasks after the restart
+    are recorded in the same session, by the same single collector."""
+    # GIVEN a plain worker with install(app), recorded by its collector
+    store = tmp_path / "installed.db"
+    env = worker_env(broker) | {"CELERY_WARDEN_STORE": str(store)}
+    # The `celery` script, not `python -m celery`: Celery re-executes `sys.argv`, and
+    # `celery/__main__.py` run as a script fails on its relative import.
+    argv = _installed_worker(queue)
+    argv[: argv.index("-A")] = [str(Path(sys.executable).parent / "celery")]
+    worker = spawn(argv, env=env, stdin=subprocess.DEVNULL)
+    wait_until(
+        lambda: _count(store, "SELECT count(*) FROM processes WHERE role = 'child'") == 2,
+        what="two pool children",
+    )
+
+    def collectors() -> list[psutil.Process]:
+        return [
+            p for p in psutil.Process(worker.pid).children() if "collect" in " ".join(p.cmdline())
+        ]
+
+    (collector,) = collectors()
+    send("testapp.noop", 5)
+    wait_until(lambda: _count(store, "SELECT count(*) FROM tasks") == 5, what="5 calls")
+    # WHEN the worker is told to restart
+    worker.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: _count(store, "SELECT count(*) FROM processes WHERE role = 'child'") == 4,
+        timeout=60,
+        what="two new pool children after the restart",
+    )
+    send("testapp.noop", 5)
+    # THEN the calls after it are recorded too, by the one collector, in one session
+    wait_until(lambda: _count(store, "SELECT count(*) FROM tasks") == 10, what="10 calls")
+    assert [p.pid for p in collectors()] == [collector.pid]
+    assert _count(store, "SELECT count(*) FROM sessions") == 1
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0
+    collector.wait(timeout=30)
