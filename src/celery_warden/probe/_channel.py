@@ -18,21 +18,23 @@ import time
 import weakref
 from collections.abc import Callable
 
-__all__ = ["Channel"]
+__all__ = ["Channel", "renew_locks_after_fork"]
 
 _RETRY_SECONDS = 1.0
 _MAX_PENDING = 64 * 1024  # the unsent tail of a message cut short by a full buffer
 
 
-def _renew_lock_after_fork(owner: object) -> None:
-    """Give ``owner`` a fresh ``_lock`` in a forked child: a task that forks while the
-    heartbeat thread is sending would hand the child a lock nobody will release."""
+def renew_locks_after_fork(owner: object, *names: str) -> None:
+    """Give ``owner`` fresh locks ``names`` in a forked child: a task that forks while
+    another thread holds one (the heartbeat sending) would hand the child a lock nobody
+    will ever release."""
     ref = weakref.ref(owner)
 
     def renew() -> None:
         alive = ref()
         if alive is not None:
-            alive._lock = threading.Lock()  # type: ignore[attr-defined]
+            for name in names:
+                setattr(alive, name, threading.Lock())
 
     os.register_at_fork(after_in_child=renew)
 
@@ -49,7 +51,7 @@ class Channel:
         self._pending = b""
         self._retry_at = 0.0
         self._lock = threading.Lock()
-        _renew_lock_after_fork(self)
+        renew_locks_after_fork(self, "_lock")
 
     def close(self) -> None:
         if self._sock is not None:

@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from celery_warden.probe import wire
-from celery_warden.probe._channel import Channel
+from celery_warden.probe._channel import Channel, renew_locks_after_fork
 
 __all__ = ["BLOCKS_SAMPLE_ENV", "HEARTBEAT_ENV", "Probe", "connect"]
 
@@ -115,17 +115,25 @@ class Probe:
         self._beating_in = 0  # the pid whose heartbeat thread runs (threads die at fork)
         self._stop = threading.Event()
         self._heartbeat_lock = threading.Lock()
+        self._identity_lock = threading.Lock()
+        renew_locks_after_fork(self, "_heartbeat_lock", "_identity_lock")
 
     def _identity(self) -> tuple[int, int]:
         pid = os.getpid()
         if pid != self._pid:  # first use, or we are a freshly forked child
-            self._close_files()
-            self._pid, self._ticks = pid, _read_start_ticks()
-            # /proc/self is resolved at open time: open it in *this* process.
-            self._statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
-            self._running.clear()
-            self._smaps_due = 0.0
-            self.tasks_done = 0
+            # Locked: a threads pool may start its first calls at once, and a second
+            # thread must not clear the call the first has just put down.
+            with self._identity_lock:
+                if pid != self._pid:
+                    self._close_files()
+                    ticks = _read_start_ticks()
+                    # /proc/self is resolved at open time: open it in *this* process.
+                    self._statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+                    self._running.clear()
+                    self._smaps_due = 0.0
+                    self.tasks_done = 0
+                    self._ticks = ticks
+                    self._pid = pid  # last: other threads go on once it is set
         return self._pid, self._ticks
 
     def _close_files(self) -> None:
