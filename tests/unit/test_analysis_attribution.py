@@ -142,7 +142,7 @@ def test_the_leak_comes_first_with_its_evidence() -> None:
     first = results[0]
     assert (first.name, first.verdict, first.processes) == ("app.leaky", Verdict.LEAK, 3)
     assert first.retained_bytes_per_call == pytest.approx(64 * KIB, rel=0.15)
-    assert "99% CI" in first.reason
+    assert "99.9% CI" in first.reason
     assert "in 3 processes" in first.reason
     assert "of the growth after warm-up; a leak" in first.reason
     assert [r.calls for r in results[1:]] == sorted((r.calls for r in results[1:]), reverse=True)
@@ -261,7 +261,7 @@ def test_many_names_and_processes_are_handled() -> None:
     At full size (2,000,000 calls, 1,000 names, 8 processes) attribute_growth took
     3.5 s on a 2-core VM (Python 3.11): reading the calls dominates.
     """
-    # GIVEN 40,000 calls of 300 names with a Zipf-like mix, app.t3 keeping 4 KiB
+    # GIVEN 40,000 calls of 300 names with a Zipf-like mix, app.t3 keeping 16 KiB
     rng = random.Random(4)
     names = [f"app.t{i}" for i in range(300)]
     weights = [1.0 / (i + 1) for i in range(300)]
@@ -269,7 +269,7 @@ def test_many_names_and_processes_are_handled() -> None:
     for pid in range(4):
         rss, records = BASE_BYTES, []
         for i, name in enumerate(rng.choices(names, weights, k=10_000)):
-            rss += 4 * KIB if name == "app.t3" else 0
+            rss += 16 * KIB if name == "app.t3" else 0
             records.append(record(pid, i, name, rss + PAGE * rng.randint(0, 8)))
         series.append(records)
     # WHEN growth is attributed
@@ -281,7 +281,8 @@ def test_many_names_and_processes_are_handled() -> None:
     assert results[: len(leaks)] == leaks
     estimated = [r for r in results if r.retained_bytes_per_call is not None]
     assert len(estimated) <= DEFAULT_THRESHOLDS.attribution_max_names
-    # 64 names tested at 99% each: a stray false leak among them is possible, not more.
+    # Many names tested at once: a stray false leak among them is possible, not more
+    # (docs/analysis.md: with a hundred names and more the intervals run narrow).
     assert len(leaks) <= 2
 
 
@@ -333,3 +334,19 @@ def test_the_leak_floor_is_a_threshold() -> None:
     # THEN it is stable and says it is under the floor
     assert result.verdict is Verdict.STABLE
     assert "under the 8.0 KiB per call that matters" in result.reason
+
+
+def test_a_name_carrying_a_sliver_beside_a_real_leak_is_not_a_leak() -> None:
+    """Beside a 64 KiB/call leak, a busy name whose calls grow the heap by 1 KiB each
+    (the allocator fitting its transient memory around the leaked blocks, as seen on
+    real workers) carries a few percent of the growth: stable, and the reason says why;
+    alone it would be a leak."""
+    mix = (("app.leaky", 0.10), ("app.churn", 0.45), ("app.quiet", 0.45))
+    kept = {"app.leaky": 64 * KIB, "app.churn": 1 * KIB}
+    results = by_name(attribute_growth(pool(11, 6000, mix, kept, processes=3)))
+    assert results["app.leaky"].verdict is Verdict.LEAK
+    churn = results["app.churn"]
+    assert churn.verdict is Verdict.STABLE
+    # the same name alone is a leak: the share rule needs a bigger leak beside it
+    alone = by_name(attribute_growth(pool(11, 6000, mix, {"app.churn": 1 * KIB}, processes=3)))
+    assert alone["app.churn"].verdict is Verdict.LEAK

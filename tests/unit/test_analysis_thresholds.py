@@ -52,7 +52,7 @@ def test_attribution_and_cpu_defaults_are_the_documented_ones() -> None:
     # GIVEN the default thresholds
     th = DEFAULT_THRESHOLDS
     # WHEN / THEN
-    assert (th.attribution_confidence, th.attribution_min_calls) == (0.99, 30)
+    assert (th.attribution_confidence, th.attribution_min_calls) == (0.999, 30)
     assert th.attribution_min_leak_bytes == 256.0
     assert (th.attribution_warmup_calls, th.attribution_warmup_fraction) == (20, 0.1)
     assert (th.attribution_max_names, th.attribution_max_blocks) == (64, 2000)
@@ -66,13 +66,27 @@ def test_attribution_and_cpu_defaults_are_the_documented_ones() -> None:
         {"attribution_warmup_fraction": 0.6},
         {"attribution_min_calls": 0},
         {"attribution_min_leak_bytes": -1.0},
+        {"attribution_min_share": 1.0},
+        {"attribution_min_share": -0.1},
         {"attribution_max_names": 0},
         {"attribution_max_blocks": 10},
         {"io_bound_ratio": 0.8},
         {"cpu_bound_ratio": 1.5},
         {"cpu_class_min_calls": 0},
     ],
-    ids=["confidence", "warmup", "min-calls", "floor", "names", "blocks", "io", "cpu", "cpu-calls"],
+    ids=[
+        "confidence",
+        "warmup",
+        "min-calls",
+        "floor",
+        "share-1",
+        "share-neg",
+        "names",
+        "blocks",
+        "io",
+        "cpu",
+        "cpu-calls",
+    ],
 )
 def test_unworkable_attribution_and_cpu_settings_are_refused(changes: dict[str, float]) -> None:
     """Attribution and CPU-class settings out of range raise ValueError at creation."""

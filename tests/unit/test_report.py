@@ -151,4 +151,4 @@ def test_the_leaking_task_name_comes_first_with_its_bytes_per_call() -> None:
     JsonReporter.from_report(report).render(out)
     first = json.loads(out.getvalue())["tasks"][0]
     assert first["memory"]["verdict"] == "leak"
-    assert first["memory"]["interval"]["confidence"] == 0.99
+    assert first["memory"]["interval"]["confidence"] == 0.999

@@ -667,7 +667,11 @@ def _attribute(
             "so what each keeps cannot be told apart"
         )
     estimate, low, high = fit.estimates[column], fit.lows[column], fit.highs[column]
-    leak = low > 0.0 and estimate >= thresholds.attribution_min_leak_bytes
+    share = 1.0  # of the growth after warm-up this name carries
+    if fit.total_growth > 0:
+        share = min(1.0, max(0.0, estimate * stats.calls / fit.total_growth))
+    kept = low > 0.0 and estimate >= thresholds.attribution_min_leak_bytes
+    leak = kept and share >= thresholds.attribution_min_share
     evidence = (
         f"{_interval_phrase(estimate, low, high, thresholds)} over "
         f"{format_count(stats.calls)} calls in {_processes_phrase(stats.processes)}"
@@ -675,11 +679,13 @@ def _attribute(
     if blocks is not None:
         evidence += f", {blocks:+.1f} Python blocks per call"
     if leak:
-        share = ""
-        if fit.total_growth > 0:
-            percent = min(100.0, 100.0 * estimate * stats.calls / fit.total_growth)
-            share = f"; {percent:.0f}% of the growth after warm-up"
-        reason = f"keeps {evidence}{share}; a leak"
+        percent = f"; {share:.0%} of the growth after warm-up" if fit.total_growth > 0 else ""
+        reason = f"keeps {evidence}{percent}; a leak"
+    elif kept:
+        reason = (
+            f"keeps {evidence}, only {share:.0%} of the growth after warm-up: the "
+            "allocator placing around another name's leak, most likely; not a leak itself"
+        )
     elif low > 0.0:
         floor = format_bytes(thresholds.attribution_min_leak_bytes)
         reason = f"keeps {evidence}; under the {floor} per call that matters"
@@ -701,7 +707,7 @@ def _attribute(
 def _interval_phrase(
     estimate: float, low: float, high: float, thresholds: AnalysisThresholds
 ) -> str:
-    """Return e.g. ``8.1 KiB per call (99% CI 7.2 to 9.0 KiB)``."""
+    """Return e.g. ``8.1 KiB per call (99.9% CI 7.2 to 9.0 KiB)``."""
     unit = bytes_unit(max(abs(estimate), abs(low), abs(high)))
     level = f"{thresholds.attribution_confidence * 100:g}% CI"
     lows = format_bytes(low, unit).split()[0]

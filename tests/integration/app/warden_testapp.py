@@ -87,3 +87,9 @@ def churn(size_bytes: int = 4_000_000) -> int:
     """Allocates ``size_bytes`` in small pieces and lets them all go: transient memory."""
     pieces = [bytes(4000) for _ in range(size_bytes // 4000)]
     return len(pieces)
+
+
+@app.task(name="testapp.bulge")
+def bulge(size_bytes: int = 8_000_000) -> int:
+    """Fills ``size_bytes`` in one block and lets it go: one large transient allocation."""
+    return len(b"\x01" * size_bytes)
