@@ -244,3 +244,46 @@ def test_a_record_the_store_refuses_loses_only_itself(tmp_path: Path) -> None:
     assert store.connection.execute("SELECT count(*) FROM processes").fetchone() == (1,)
     assert session.store_errors == 1
     store.close()
+
+
+def test_a_version_1_store_with_history_is_migrated_and_still_read(tmp_path: Path) -> None:
+    """A store written by the previous release gains the per-call columns; its rows stay
+    and read back with the new fields empty."""
+    import sqlite3
+
+    from celery_warden.store._schema import MIGRATIONS
+
+    # GIVEN a version 1 store holding a session, a process and a finished call
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path)
+    for statement in MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(
+        "INSERT INTO sessions (id, mode, command, hostname, boot_id, warden_pid,"
+        " interval_seconds, started_at) VALUES (1, 'run', 'c', 'h', 'b', 1, 1.0, 1000.0)"
+    )
+    conn.execute(
+        "INSERT INTO processes (session_id, pid, start_ticks, ppid, master_pid, role,"
+        " cmdline, started_at) VALUES (1, 11, 101, 10, 10, 'child', 'celery worker', 1000.0)"
+    )
+    conn.execute(
+        "INSERT INTO tasks (session_id, pid, start_ticks, task_id, name, started_at,"
+        " ended_at, wall_seconds, state, rss_after_bytes)"
+        " VALUES (1, 11, 101, 'id', 'proj.add', 1001.0, 1001.5, 0.5, 'success', 4096)"
+    )
+    conn.commit()
+    conn.close()
+    # WHEN the current release opens it
+    store = Store.open(path)
+    # THEN it is at the current version and the call reads back, new fields empty
+    assert store.connection.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    (process,) = read_snapshot(store.connection, 1).processes
+    (call,) = process.tasks
+    assert (call.name, call.rss_after_bytes, call.cpu_seconds, call.retries) == (
+        "proj.add",
+        4096,
+        None,
+        0,
+    )
+    store.close()
