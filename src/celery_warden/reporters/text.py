@@ -180,7 +180,9 @@ class TextReporter:
         captions = []
         if any(t.memory is not None for t in self.report.tasks):
             level = self.report.tasks[0].confidence
-            captions.append(f"kept/call: memory each call leaves behind ({level:.0%} interval)")
+            captions.append(
+                f"kept/call: memory each call leaves behind ({level * 100:g}% interval)"
+            )
         if self.report.tasks_running:
             captions.append(f"{self.report.tasks_running} tasks still running or lost")
         table.caption = "; ".join(captions) or None
@@ -200,7 +202,7 @@ def _kept(m: TaskAttribution | None) -> tuple[str, str]:
         return format_bytes(m.retained_bytes_per_call), "-"
     unit = bytes_unit(max(abs(m.interval_low), abs(m.interval_high)))
     low, high = (format_bytes(v, unit, sign="+") for v in (m.interval_low, m.interval_high))
-    return format_bytes(m.retained_bytes_per_call, unit), f"{low} to {high}"
+    return format_bytes(m.retained_bytes_per_call, unit), f"{low.split()[0]}..{high}"
 
 
 def _ms(seconds: float | None) -> str:
