@@ -157,7 +157,7 @@ def decode(data: bytes) -> tuple[Message, int]:
                 _str(task_id, MAX_NAME),
                 _str(name, MAX_NAME),
                 _float(since),
-                None if cpu is None else _float(cpu),
+                _opt_float(cpu),
             )
             for task_id, name, since, cpu in running
         )
@@ -174,7 +174,7 @@ def decode(data: bytes) -> tuple[Message, int]:
             _int(ticks),
             _float(t),
             _REASONS.get(str(reason), EndReason.EXITED),
-            None if code is None else _int(code),
+            _opt_int(code),
         )
         return end, _int(dropped)
     if kind == "c":
@@ -197,8 +197,8 @@ def decode(data: bytes) -> tuple[Message, int]:
             _str(node, MAX_NAME),
             _str(pool, MAX_NAME),
             _int(concurrency),
-            None if max_tasks is None else _int(max_tasks),
-            None if max_mem is None else _int(max_mem),
+            _opt_int(max_tasks),
+            _opt_int(max_mem),
         )
         return info, 0
     raise ValueError(f"unknown message kind {kind!r}")
