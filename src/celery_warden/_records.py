@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import sys
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 if sys.version_info >= (3, 11):
     from enum import StrEnum
@@ -84,7 +84,9 @@ class TaskState(StrEnum):
 class Verdict(StrEnum):
     """The memory verdict on one process."""
 
-    LEAK = "leak"
+    LEAK = "leak"  # Python objects kept
+    NATIVE_LEAK = "native-leak"  # growth outside the Python heap (a C extension, ctypes)
+    FRAGMENTATION = "fragmentation"  # a high-water plateau: freed memory the allocator keeps
     WARMING_UP = "warming-up"
     STABLE = "stable"
     INSUFFICIENT_DATA = "insufficient-data"
@@ -296,6 +298,23 @@ class ProcessHistory:
 
 
 @dataclass(frozen=True, slots=True)
+class DiagnosisRecord:
+    """What ``celery-warden diagnose`` found in one live process.
+
+    ``document`` is the probe's replies merged (``probe/_ops.py``) plus the verdict's
+    evidence and advice: types, sizes, counts, file:line, attribute names; object
+    contents only when ``show_values`` (the user asked, and it is recorded)."""
+
+    pid: int
+    start_ticks: int
+    at: float
+    task_name: str | None
+    verdict: Verdict
+    show_values: bool
+    document: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """What ``report`` reads from the store for one session."""
 
@@ -303,3 +322,4 @@ class Snapshot:
     workers: tuple[WorkerInfo, ...]
     processes: tuple[ProcessHistory, ...]
     running_tasks: tuple[TaskStarted, ...]  # started, never finished
+    diagnoses: tuple[DiagnosisRecord, ...] = ()  # newest last

@@ -24,7 +24,7 @@ from celery_warden._records import (
 from celery_warden.analysis.report import build_report
 from celery_warden.reporters import JsonReporter, TextReporter
 
-SCHEMA = Path(__file__).parents[2] / "src/celery_warden/schemas/report-v2.schema.json"
+SCHEMA = Path(__file__).parents[2] / "src/celery_warden/schemas/report-v3.schema.json"
 T0 = 1_800_000_000.0
 MB = 1024 * 1024
 SESSION = SessionInfo(1, "run", "celery -A proj worker", "host", T0, T0 + 700, 0, 1.0, 0)

@@ -14,10 +14,13 @@ process, in order of preference:
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from celery_warden._records import (
+    DiagnosisRecord,
     EndReason,
     GrowthFinding,
     MemoryFinding,
@@ -47,11 +50,19 @@ __all__ = [
 
 _VERDICT_ORDER = {
     Verdict.LEAK: 0,
-    Verdict.WARMING_UP: 1,
-    Verdict.STABLE: 2,
-    Verdict.INSUFFICIENT_DATA: 3,
+    Verdict.NATIVE_LEAK: 1,
+    Verdict.FRAGMENTATION: 2,
+    Verdict.WARMING_UP: 3,
+    Verdict.STABLE: 4,
+    Verdict.INSUFFICIENT_DATA: 5,
 }
 
+
+# The diagnosis verdicts that overrule the trend (stable only means "not in the calls
+# that were traced", which the trend, over the whole session, knows better).
+_DIAGNOSED = frozenset({Verdict.LEAK, Verdict.NATIVE_LEAK, Verdict.FRAGMENTATION})
+
+_LEAKS = frozenset({Verdict.LEAK, Verdict.NATIVE_LEAK})
 
 _SHUTDOWN_SECONDS = 10.0  # a warm shutdown ends a worker's processes within this
 
@@ -88,9 +99,14 @@ class ProcessReport:
     memory: MemoryFinding
     growth: tuple[GrowthFinding, ...]
     missing: tuple[str, ...]  # figures that could not be read, with why
+    diagnosis: DiagnosisRecord | None = None  # the newest `diagnose` of this process
 
     @property
     def verdict(self) -> Verdict:
+        """The trend's verdict, unless a diagnosis found more: a diagnosis is direct
+        evidence (what the calls kept, where the memory is), the trend only a slope."""
+        if self.diagnosis is not None and self.diagnosis.verdict in _DIAGNOSED:
+            return self.diagnosis.verdict
         return self.memory.verdict
 
 
@@ -120,6 +136,15 @@ class TaskReport:
     summary: TaskSummary
     memory: TaskAttribution | None
     confidence: float  # the level of memory's interval
+    diagnosis: DiagnosisRecord | None = None  # the newest `diagnose --task` of this name
+
+    @property
+    def trace(self) -> dict[str, Any] | None:
+        """What the newest diagnosis traced of this name: sites, types, roots."""
+        if self.diagnosis is None:
+            return None
+        trace = self.diagnosis.document.get("trace")
+        return trace if isinstance(trace, dict) else None
 
     @property
     def name(self) -> str:
@@ -127,6 +152,8 @@ class TaskReport:
 
     @property
     def leaks(self) -> bool:
+        if self.diagnosis is not None and self.diagnosis.verdict in _LEAKS:
+            return True
         return self.memory is not None and self.memory.verdict is Verdict.LEAK
 
 
@@ -139,11 +166,16 @@ class Report:
     processes: tuple[ProcessReport, ...]
     tasks: tuple[TaskReport, ...]  # leaking names first, by bytes per call; then by calls
     tasks_running: int
+    diagnoses: tuple[DiagnosisRecord, ...] = ()  # every diagnosis of the session, oldest first
 
 
 def build_report(snapshot: Snapshot, thresholds: AnalysisThresholds = DEFAULT_THRESHOLDS) -> Report:
     """Assess every process and task name of a session."""
-    processes = [_assess_process(history, thresholds) for history in snapshot.processes]
+    newest = {(d.pid, d.start_ticks): d for d in snapshot.diagnoses}  # oldest first: last wins
+    processes = [
+        dataclasses.replace(p, diagnosis=newest.get((p.pid, p.start_ticks)))
+        for p in (_assess_process(history, thresholds) for history in snapshot.processes)
+    ]
     processes.sort(
         key=lambda p: (verdict_rank(p.verdict), p.master_pid, p.role != Role.MASTER, p.started_at)
     )
@@ -154,6 +186,7 @@ def build_report(snapshot: Snapshot, thresholds: AnalysisThresholds = DEFAULT_TH
         processes=tuple(processes),
         tasks=tuple(_tasks(snapshot, thresholds)),
         tasks_running=len(snapshot.running_tasks),
+        diagnoses=snapshot.diagnoses,
     )
 
 
@@ -163,8 +196,14 @@ def _tasks(snapshot: Snapshot, thresholds: AnalysisThresholds) -> list[TaskRepor
     summaries = summarize_tasks((task for calls in runs for task in calls), thresholds)
     measured = [calls for calls in runs if any(t.rss_after_bytes is not None for t in calls)]
     memory = {a.name: a for a in attribute_growth(measured, thresholds)} if measured else {}
+    traced = {d.task_name: d for d in snapshot.diagnoses if d.task_name}  # newest wins
     reports = [
-        TaskReport(summary, memory.get(summary.name), thresholds.attribution_confidence)
+        TaskReport(
+            summary,
+            memory.get(summary.name),
+            thresholds.attribution_confidence,
+            traced.get(summary.name),
+        )
         for summary in summaries
     ]
     reports.sort(

@@ -13,7 +13,7 @@ import sys
 import click
 
 from celery_warden._version import __version__
-from celery_warden.commands import collect, demo, report, run, watch
+from celery_warden.commands import collect, demo, diagnose, report, run, watch
 from celery_warden.commands._common import Context
 from celery_warden.exceptions import WardenError
 
@@ -28,6 +28,7 @@ Examples:
   celery-warden watch                                 attach to running workers
   celery-warden report                                verdicts on the last session
   celery-warden report --format json > report.json
+  celery-warden diagnose --worker w1 --task proj.tasks.fetch    what its calls keep
 """
 
 
@@ -49,7 +50,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
     ctx.obj = Context(verbose=verbose)
 
 
-for _module in (run, watch, report, demo, collect):
+for _module in (run, watch, report, diagnose, demo, collect):
     cli.add_command(_module.command)
 
 

@@ -28,14 +28,19 @@ import random
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery_warden.probe import wire
 from celery_warden.probe._channel import Channel, renew_locks_after_fork
+from celery_warden.probe._control import ControlServer
+
+if TYPE_CHECKING:
+    from celery_warden.probe._trace import Trace
 
 __all__ = ["BLOCKS_SAMPLE_ENV", "HEARTBEAT_ENV", "Probe", "connect"]
 
 HEARTBEAT_ENV = "CELERY_WARDEN_HEARTBEAT_SECONDS"
+CONTROL_ENV = "CELERY_WARDEN_CONTROL"  # "0": no control socket (no diagnose)
 BLOCKS_SAMPLE_ENV = "CELERY_WARDEN_BLOCKS_SAMPLE"
 HEARTBEAT_SECONDS = 5.0
 SMAPS_SECONDS = 10.0  # at most one smaps_rollup read per process in this long
@@ -90,8 +95,10 @@ class Probe:
         *,
         heartbeat_seconds: float | None = None,
         blocks_sample: float | None = None,
+        control: bool = False,
     ) -> None:
         self.channel = channel
+        self.control = control  # serve diagnoses (connect() turns it on)
         if blocks_sample is None:
             blocks_sample = _env_float(BLOCKS_SAMPLE_ENV, BLOCKS_SAMPLE)
         self.blocks_sample = blocks_sample
@@ -100,6 +107,10 @@ class Probe:
         self.max_tasks_per_child: int | None = None
         self.max_memory_per_child_kb: int | None = None
         self.green = False  # gevent/eventlet: one thread runs every task
+        self.pool_name = ""
+        self._master_pid = 0  # the process celeryd_after_setup ran in
+        self.trace: Trace | None = None  # a diagnosis tracing a task name here
+        self._control: ControlServer | None = None
         if heartbeat_seconds is None:
             heartbeat_seconds = _env_float(HEARTBEAT_ENV, HEARTBEAT_SECONDS)
         self.heartbeat_seconds = heartbeat_seconds
@@ -136,6 +147,32 @@ class Probe:
                     self._pid = pid  # last: other threads go on once it is set
         return self._pid, self._ticks
 
+    def identity(self) -> tuple[int, int]:
+        """This process's pid and start time (clock ticks since boot)."""
+        return self._identity()
+
+    def is_master(self) -> bool:
+        """Whether this is the worker's main process (a pool child is a fork of it)."""
+        return os.getpid() == self._master_pid
+
+    def running_names(self) -> list[str]:
+        """The names of the tasks this process runs now."""
+        return [json.loads(call[_T_NAME]) for call in list(self._running.values())]
+
+    def start_control(self) -> str | None:
+        """Serve ``celery-warden diagnose`` in this process (once per process)."""
+        if not self.control:
+            return None
+        try:
+            if self._control is None:
+                from celery_warden.probe._ops import operations
+
+                self._control = ControlServer(operations(self))
+            return self._control.start()
+        except Exception:
+            self.errors += 1
+            return None
+
     def _close_files(self) -> None:
         for fd in (self._statm, self._smaps):
             if fd >= 0:
@@ -147,6 +184,8 @@ class Probe:
         workers just exit)."""
         self._stop.set()
         self.channel.close()
+        if self._control is not None:
+            self._control.close()
         self._close_files()
 
     def rss_bytes(self) -> int | None:
@@ -178,9 +217,11 @@ class Probe:
             self.max_memory_per_child_kb = getattr(instance, "max_memory_per_child", None) or None
             pool = getattr(instance, "pool_cls", None)
             pool_name = getattr(pool, "__module__", str(pool)).rsplit(".", 1)[-1]
-            pool_name = _POOL_NAMES.get(pool_name, pool_name)
+            pool_name = self.pool_name = _POOL_NAMES.get(pool_name, pool_name)
+            self._master_pid = pid
             self.green = pool_name in _GREEN_POOLS
             concurrency = int(getattr(instance, "concurrency", 0) or 0)
+            self.start_control()  # the master too: its own memory can be asked for
             self.channel.send(
                 wire.encode(
                     "w",
@@ -243,8 +284,20 @@ class Probe:
             self.channel.send(
                 f'["s",{pid},{ticks},{_quote(task_id)},{quoted},{started!r}]\n'.encode()
             )
+            if self.trace is not None:
+                self._trace_before(name)
         except Exception:
             self.errors += 1
+
+    def _trace_before(self, name: object) -> None:
+        trace = self.trace
+        if trace is not None:
+            trace.before_task(str(name))
+
+    def _trace_after(self, task: Any) -> None:
+        trace = self.trace
+        if trace is not None:
+            trace.after_task(str(getattr(task, "name", "")))
 
     def _quote_name(self, name: object) -> str:
         """A task name as a JSON string, truncated; cached, there are few names."""
@@ -278,6 +331,8 @@ class Probe:
     ) -> None:
         """task_postrun: how it ended, what it cost, and the memory right after."""
         try:
+            if self.trace is not None:
+                self._trace_after(task)
             pid, ticks = self._pid, self._ticks
             if os.getpid() != pid:
                 pid, ticks = self._identity()
@@ -369,6 +424,8 @@ class Probe:
         """Start this process's heartbeat thread (threads do not survive a fork, so a
         pool child starts its own)."""
         pid = os.getpid()
+        if self.control and (self._control is None or self._control.path is None):
+            self.start_control()
         with self._heartbeat_lock:  # two first tasks at once in a threads pool
             if self._beating_in == pid or self.heartbeat_seconds <= 0:
                 return
@@ -403,7 +460,7 @@ def connect(socket_path: str) -> Probe:
         return _probe
     from celery import signals
 
-    probe = Probe(Channel(socket_path))
+    probe = Probe(Channel(socket_path), control=os.environ.get(CONTROL_ENV, "1") != "0")
     pairs = [
         (signals.celeryd_after_setup, probe.on_worker_ready),
         (signals.worker_process_init, probe.on_process_init),

@@ -1,9 +1,13 @@
 """The JSON report: a stable, versioned document for scripts and alerting.
 
-The schema is ``schemas/report-v2.schema.json`` (documented in docs/report-schema.md).
+The schema is ``schemas/report-v3.schema.json`` (documented in docs/report-schema.md).
 Later versions only add fields; a consumer checks ``schema_version`` and ignores what
 it does not know. Version 2 added, per task name, CPU time and the CPU/IO class, the
 exception types of failures, and ``memory``: retained bytes per call and the verdict.
+Version 3 added what ``celery-warden diagnose`` found: per task name ``sites[]``,
+``types[]`` and ``roots[]``; per process ``diagnosis`` (where the memory is, the
+verdict, its evidence and advice) and ``trend_verdict``; the new verdicts
+``native-leak`` and ``fragmentation``; and ``diagnoses[]``.
 """
 
 from __future__ import annotations
@@ -12,14 +16,14 @@ import json
 import time
 from typing import IO, Any
 
-from celery_warden._records import GrowthFinding, MemoryFinding
+from celery_warden._records import DiagnosisRecord, GrowthFinding, MemoryFinding
 from celery_warden._version import __version__
 from celery_warden.analysis.attribution import TaskAttribution
 from celery_warden.analysis.report import ProcessReport, Report, TaskReport, WorkerReport
 
 __all__ = ["SCHEMA_VERSION", "JsonReporter"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _evidence(finding: MemoryFinding) -> dict[str, Any]:
@@ -76,9 +80,85 @@ def _process(p: ProcessReport) -> dict[str, Any]:
         "slope_bytes_per_task": p.memory.slope_bytes_per_task,
         "slope_bytes_per_hour": p.memory.slope_bytes_per_hour,
         "verdict": str(p.verdict),
+        "trend_verdict": str(p.memory.verdict),
         "evidence": _evidence(p.memory),
+        "diagnosis": None if p.diagnosis is None else _process_diagnosis(p.diagnosis),
         "findings": [_growth(g) for g in p.growth],
         "missing": list(p.missing),
+    }
+
+
+_BREAKDOWN_KEYS = (
+    "rss", "uss", "pss", "py_allocated_blocks", "pymalloc_arenas", "pymalloc_used",
+    "pymalloc_free", "tracemalloc_traced", "malloc_arena", "malloc_in_use", "malloc_free",
+    "malloc_mmapped", "malloc_releasable",
+)  # fmt: skip
+
+
+def _breakdown(table: object) -> dict[str, Any] | None:
+    if not isinstance(table, dict):
+        return None
+    return {key: table.get(key) for key in _BREAKDOWN_KEYS}
+
+
+def _process_diagnosis(d: DiagnosisRecord) -> dict[str, Any]:
+    doc = d.document
+    trim = doc.get("trim") if isinstance(doc.get("trim"), dict) else None
+    return {
+        "at": d.at,
+        "verdict": str(d.verdict),
+        "task": d.task_name,
+        "evidence": list(doc.get("evidence") or []),
+        "advice": list(doc.get("advice") or []),
+        "memory": _breakdown(doc.get("after") or doc.get("breakdown")),
+        "memory_before": _breakdown(doc.get("before")),
+        "trim": None
+        if trim is None
+        else {"released_bytes": trim.get("released"), "seconds": trim.get("seconds")},
+        "show_values": d.show_values,
+    }
+
+
+def _sites(trace: dict[str, Any] | None) -> list[dict[str, Any]]:
+    return [
+        {
+            "file": s["file"],
+            "line": s["line"],
+            "bytes_per_call": s["bytes_per_call"],
+            "count_per_call": s.get("count_per_call"),
+            "calls_keeping": s.get("calls_keeping"),
+            "stack": list(s.get("stack") or []),
+        }
+        for s in (trace or {}).get("sites") or []
+    ]
+
+
+def _types(trace: dict[str, Any] | None) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": t["type"],
+            "count_per_call": t["count_per_call"],
+            "bytes_per_call": t["bytes_per_call"],
+        }
+        for t in (trace or {}).get("types") or []
+    ]
+
+
+def _roots(trace: dict[str, Any] | None) -> list[str]:
+    return [str(r["path"]) for r in (trace or {}).get("roots") or []]
+
+
+def _task_diagnosis(report: TaskReport) -> dict[str, Any] | None:
+    d, trace = report.diagnosis, report.trace
+    if d is None or trace is None:
+        return None
+    return {
+        "at": d.at,
+        "pid": d.pid,
+        "verdict": str(d.verdict),
+        "calls_traced": trace.get("calls_traced"),
+        "kept_bytes_per_call": trace.get("kept_bytes_per_call"),
+        "kept_after_next_call": trace.get("kept_after_next_call"),
     }
 
 
@@ -127,6 +207,10 @@ def _task(report: TaskReport) -> dict[str, Any]:
         "cpu_class": t.cpu_class,
         "exceptions": [{"type": kind, "count": count} for kind, count in t.exceptions],
         "memory": None if report.memory is None else _memory(report.memory, report.confidence),
+        "diagnosis": _task_diagnosis(report),
+        "sites": _sites(report.trace),
+        "types": _types(report.trace),
+        "roots": _roots(report.trace),
     }
 
 
@@ -159,6 +243,17 @@ class JsonReporter:
                 "processes": [_process(p) for p in report.processes],
                 "tasks": [_task(t) for t in report.tasks],
                 "tasks_running": report.tasks_running,
+                "diagnoses": [
+                    {
+                        "pid": d.pid,
+                        "start_ticks": d.start_ticks,
+                        "at": d.at,
+                        "task": d.task_name,
+                        "verdict": str(d.verdict),
+                        "show_values": d.show_values,
+                    }
+                    for d in report.diagnoses
+                ],
             }
         )
 

@@ -19,6 +19,8 @@ __all__ = ["TextReporter"]
 
 _STYLE = {
     Verdict.LEAK: "bold red",
+    Verdict.NATIVE_LEAK: "bold red",
+    Verdict.FRAGMENTATION: "yellow",
     Verdict.WARMING_UP: "yellow",
     Verdict.STABLE: "green",
     Verdict.INSUFFICIENT_DATA: "dim",

@@ -6,10 +6,12 @@ writes, and they never take a write lock, so ``report`` cannot stall the sampler
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections import defaultdict
 
 from celery_warden._records import (
+    DiagnosisRecord,
     EndReason,
     ProcessHistory,
     ProcessInfo,
@@ -20,6 +22,7 @@ from celery_warden._records import (
     TaskFinished,
     TaskStarted,
     TaskState,
+    Verdict,
     WorkerInfo,
 )
 from celery_warden.exceptions import StoreEmpty, StoreError
@@ -108,8 +111,31 @@ def _read_snapshot(conn: sqlite3.Connection, session_id: int | None) -> Snapshot
             )
         )
     return Snapshot(
-        session=session, workers=workers, processes=tuple(processes), running_tasks=running
+        session=session,
+        workers=workers,
+        processes=tuple(processes),
+        running_tasks=running,
+        diagnoses=_read_diagnoses(conn, session.id),
     )
+
+
+def _read_diagnoses(conn: sqlite3.Connection, session_id: int) -> tuple[DiagnosisRecord, ...]:
+    records = []
+    for pid, ticks, at, task_name, verdict, show_values, document in conn.execute(
+        "SELECT pid, start_ticks, at, task_name, verdict, show_values, document"
+        " FROM diagnoses WHERE session_id = ? ORDER BY at, id",
+        (session_id,),
+    ):
+        try:
+            parsed = json.loads(document)
+            kind = Verdict(verdict)
+        except ValueError:
+            continue  # a row this version cannot read is skipped, not fatal
+        if isinstance(parsed, dict):
+            records.append(
+                DiagnosisRecord(pid, ticks, at, task_name, kind, bool(show_values), parsed)
+            )
+    return tuple(records)
 
 
 def _read_tasks(

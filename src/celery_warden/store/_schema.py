@@ -97,6 +97,24 @@ _V2 = [
     "ALTER TABLE tasks ADD COLUMN retries INTEGER NOT NULL DEFAULT 0",
 ]
 
+# v3: what `celery-warden diagnose` found in a live process (issue 4). The document is
+# the probe's replies merged (JSON): types, sizes, counts, file:line and attribute
+# names, never object contents unless show_values says the user asked for them.
+_V3 = [
+    """CREATE TABLE diagnoses (
+        id INTEGER PRIMARY KEY,
+        session_id INTEGER REFERENCES sessions(id),  -- NULL: no recorded session has it
+        pid INTEGER NOT NULL,
+        start_ticks INTEGER NOT NULL,
+        at REAL NOT NULL,
+        task_name TEXT,                   -- the name traced, if one was
+        verdict TEXT NOT NULL,
+        show_values INTEGER NOT NULL DEFAULT 0,
+        document TEXT NOT NULL
+    )""",
+    "CREATE INDEX diagnoses_by_session ON diagnoses (session_id, at)",
+]
+
 # MIGRATIONS[i] takes the schema from version i to version i + 1.
-MIGRATIONS: list[list[str]] = [_V1, _V2]
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -7,6 +7,7 @@ thread); every batch is one transaction, so a reader never sees half a sweep.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sqlite3
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from celery_warden._config import Retention
 from celery_warden._records import (
+    DiagnosisRecord,
     ProcessEnd,
     ProcessInfo,
     Sample,
@@ -37,6 +39,7 @@ __all__ = ["Record", "Store"]
 
 Record = ProcessInfo | Sample | ProcessEnd | WorkerInfo | TaskStarted | TaskFinished
 
+MAX_DIAGNOSES = 1000  # kept in all, the newest
 _BUSY_TIMEOUT_MS = 1000  # no write may hold the sampler's pipeline longer than this
 
 _AGGREGATE = (
@@ -439,6 +442,37 @@ class Store:
                 ),
             )
 
+    # -- diagnoses -------------------------------------------------------------------
+
+    def session_of(self, pid: int, start_ticks: int) -> int | None:
+        """The newest recorded session that watched this very process, if any."""
+        row = self._conn.execute(
+            "SELECT session_id FROM processes WHERE pid = ? AND start_ticks = ?"
+            " ORDER BY session_id DESC LIMIT 1",
+            (pid, start_ticks),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def add_diagnosis(self, record: DiagnosisRecord) -> int:
+        """Store what ``diagnose`` found; its id."""
+        document = json.dumps(record.document, separators=(",", ":"), allow_nan=False)
+        with self._transaction():
+            cursor = self._conn.execute(
+                "INSERT INTO diagnoses (session_id, pid, start_ticks, at, task_name, verdict,"
+                " show_values, document) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    self.session_of(record.pid, record.start_ticks),
+                    record.pid,
+                    record.start_ticks,
+                    record.at,
+                    record.task_name,
+                    record.verdict.value,
+                    int(record.show_values),
+                    document,
+                ),
+            )
+        return int(cursor.lastrowid or 0)
+
     # -- retention -------------------------------------------------------------------
 
     def apply_retention(self, now: float, retention: Retention) -> None:
@@ -459,6 +493,11 @@ class Store:
             )
             # Lives and sessions go once nothing refers to them any more.
             cutoff = now - retention.quarter_seconds
+            self._conn.execute("DELETE FROM diagnoses WHERE at < ?", (cutoff,))
+            self._conn.execute(
+                "DELETE FROM diagnoses WHERE id <= (SELECT max(id) - ? FROM diagnoses)",
+                (MAX_DIAGNOSES,),
+            )
             self._conn.execute(
                 "DELETE FROM processes WHERE ended_at < ?"
                 " AND NOT EXISTS (SELECT 1 FROM samples s WHERE s.process_id = processes.id)"
@@ -474,7 +513,8 @@ class Store:
             )
             self._conn.execute(
                 "DELETE FROM sessions WHERE ended_at < ? AND NOT EXISTS"
-                " (SELECT 1 FROM processes p WHERE p.session_id = sessions.id)",
+                " (SELECT 1 FROM processes p WHERE p.session_id = sessions.id) AND NOT EXISTS"
+                " (SELECT 1 FROM diagnoses d WHERE d.session_id = sessions.id)",
                 (cutoff,),
             )
 

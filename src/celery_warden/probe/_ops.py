@@ -1,0 +1,107 @@
+"""What the control channel can ask a worker process (``celery-warden diagnose``).
+
+- ``hello``: who this is (pid, start time, pool) and what it runs now;
+- ``memory``: where the memory is (``_alloc.breakdown``), the heap's census by type, and,
+  only when asked (it holds the allocator's locks for a moment), what ``malloc_trim(0)``
+  gives back, measured;
+- ``trace``: trace the next ``calls`` calls of ``task`` (``_trace.Trace``) and answer
+  when they are done or ``timeout`` seconds have passed, whichever comes first.
+
+Every answer carries types, counts, sizes, file:line and attribute names, never object
+contents or task arguments, unless the request says ``show_values`` (the client records
+that it did).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from celery_warden.probe import _alloc, _heap
+from celery_warden.probe._trace import Trace
+
+if TYPE_CHECKING:
+    from celery_warden.probe._hooks import Probe
+
+__all__ = ["operations"]
+
+MAX_CALLS = 1000
+MAX_FRAMES = 64
+MAX_TIMEOUT_SECONDS = 86400.0
+
+
+def _bounded(request: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+    value = request.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a number")
+    return min(max(float(value), low), high)
+
+
+def operations(probe: Probe) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+    """The control handlers of ``probe``'s process."""
+    busy = threading.Lock()  # one trace at a time per process
+
+    def identity() -> dict[str, Any]:
+        pid, ticks = probe.identity()
+        return {"pid": pid, "start_ticks": ticks, "pool": probe.pool_name, "at": time.time()}
+
+    def hello(request: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **identity(),
+            "master": probe.is_master(),
+            "running": probe.running_names(),
+            "tracing": busy.locked(),
+        }
+
+    def memory(request: dict[str, Any]) -> dict[str, Any]:
+        limit = int(_bounded(request, "limit", 30, 1, 500))
+        reply = identity()
+        reply["breakdown"] = _alloc.breakdown()
+        if request.get("census", True):
+            started = time.perf_counter()
+            reply["census"] = [list(row) for row in _heap.census(limit=limit)]
+            reply["census_seconds"] = time.perf_counter() - started
+        if request.get("trim"):
+            reply["trim"] = _alloc.trim()
+        return reply
+
+    def trace(request: dict[str, Any]) -> dict[str, Any]:
+        task = request.get("task")
+        if not isinstance(task, str) or not task:
+            raise ValueError("trace needs a task name")
+        calls = int(_bounded(request, "calls", 50, 1, MAX_CALLS))
+        frames = int(_bounded(request, "frames", 10, 1, MAX_FRAMES))
+        timeout = _bounded(request, "timeout", 600, 0.1, MAX_TIMEOUT_SECONDS)
+        closed: Callable[[], bool] = request.get("_closed") or (lambda: False)
+        if not busy.acquire(blocking=False):
+            return {"error": "a trace is already running in this process"}
+        try:
+            reply = identity()
+            reply["before"] = _alloc.breakdown()
+            job = Trace(task, calls, frames)
+            probe.trace = job
+            deadline = time.monotonic() + timeout
+            try:
+                while not job.done.wait(0.1):
+                    job.close_if_idle()
+                    if time.monotonic() >= deadline:
+                        job.cancel(f"timed out after {timeout:g} s")
+                    elif closed():
+                        job.cancel("the client went away")
+            finally:
+                probe.trace = None
+                job.cancel("stopped")  # closes a window still open
+            reply["trace"] = job.result(show_values=bool(request.get("show_values")))
+            reply["after"] = _alloc.breakdown()
+            if request.get("trim"):
+                reply["trim"] = _alloc.trim()
+            reply["pid_now"] = os.getpid()
+            return reply
+        finally:
+            busy.release()
+
+    return {"hello": hello, "memory": memory, "trace": trace}
