@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import jsonschema
 
 from celery_warden._records import (
+    DiagnosisRecord,
     EndReason,
     ProcessHistory,
     ProcessInfo,
@@ -152,3 +154,64 @@ def test_the_leaking_task_name_comes_first_with_its_bytes_per_call() -> None:
     first = json.loads(out.getvalue())["tasks"][0]
     assert first["memory"]["verdict"] == "leak"
     assert first["memory"]["interval"]["confidence"] == 0.999
+
+
+def _diagnosed(snapshot: Snapshot, verdict: Verdict, pid: int, ticks: int) -> Snapshot:
+    document = {
+        "pid": pid,
+        "verdict": str(verdict),
+        "evidence": ["the clean child's calls keep nothing, malloc grows"],
+        "advice": ["look at the C extensions"],
+        "before": {"uss": 60 * MB, "malloc_in_use": 10 * MB},
+        "after": {"uss": 64 * MB, "malloc_in_use": 14 * MB, "malloc_free": MB},
+        "trace": {
+            "task": "proj.clean",
+            "calls_traced": 50,
+            "calls_requested": 50,
+            "kept_bytes_per_call": 0.0,
+            "kept_after_next_call": None,
+            "sites": [
+                {
+                    "file": "/app/proj.py",
+                    "line": 7,
+                    "bytes_per_call": 100.0,
+                    "count_per_call": 1.0,
+                    "calls_keeping": 3,
+                    "stack": ["/app/proj.py:7"],
+                }
+            ],
+            "types": [{"type": "dict", "count_per_call": 1.0, "bytes_per_call": 100.0}],
+            "roots": [{"type": "dict", "path": "proj.CACHE[...]"}],
+        },
+    }
+    record = DiagnosisRecord(pid, ticks, T0 + 600, "proj.clean", verdict, False, document)
+    return dataclasses.replace(snapshot, diagnoses=(record,))
+
+
+def test_a_diagnosis_overrules_the_trend_and_is_shown_first() -> None:
+    """A stored diagnosis names the process's verdict (native-leak over the trend's
+    stable), gives the task name its sites, types and roots in JSON (schema v3), and
+    leads the terminal report."""
+    report = build_report(_diagnosed(_snapshot(), Verdict.NATIVE_LEAK, 12, 102))
+    clean = next(p for p in report.processes if p.pid == 12)
+    assert (clean.verdict, clean.memory.verdict) == (Verdict.NATIVE_LEAK, Verdict.STABLE)
+    out = io.StringIO()
+    JsonReporter.from_report(report).render(out)
+    document = json.loads(out.getvalue())
+    jsonschema.validate(document, json.loads(SCHEMA.read_text()))
+    task = next(t for t in document["tasks"] if t["name"] == "proj.clean")
+    assert task["sites"][0]["line"] == 7
+    assert task["types"][0]["type"] == "dict"
+    assert task["roots"] == ["proj.CACHE[...]"]
+    process = next(p for p in document["processes"] if p["pid"] == 12)
+    assert process["diagnosis"]["memory"]["malloc_in_use"] == 14 * MB
+    text = io.StringIO()
+    TextReporter.from_report(report).render(text, width=140)
+    assert text.getvalue().index("Diagnosis") < text.getvalue().index("Workers")
+    assert "native-leak" in text.getvalue()
+
+
+def test_a_stable_diagnosis_leaves_the_trend_verdict() -> None:
+    report = build_report(_diagnosed(_snapshot(), Verdict.STABLE, 11, 101))
+    leaky = next(p for p in report.processes if p.pid == 11)
+    assert leaky.verdict is Verdict.LEAK

@@ -36,7 +36,12 @@ FAIL_EXIT_CODE = 3
 @click.option("--list", "list_only", is_flag=True, help="List the recorded sessions.")
 @click.option(
     "--fail-on",
-    type=click.Choice([Verdict.LEAK.value, Verdict.WARMING_UP.value]),
+    type=click.Choice(
+        [
+            v.value
+            for v in (Verdict.LEAK, Verdict.NATIVE_LEAK, Verdict.FRAGMENTATION, Verdict.WARMING_UP)
+        ]
+    ),
     help=f"Exit {FAIL_EXIT_CODE} when a process's verdict is this or worse.",
 )
 @click.option(

@@ -14,6 +14,7 @@ from celery_warden._records import Role, Verdict
 from celery_warden.analysis._format import bytes_unit, format_bytes, format_duration
 from celery_warden.analysis.attribution import TaskAttribution
 from celery_warden.analysis.report import ProcessReport, Report
+from celery_warden.reporters.diagnosis import render_diagnosis_into
 
 __all__ = ["TextReporter"]
 
@@ -75,6 +76,7 @@ class TextReporter:
         if not r.processes:
             console.print("No worker process was seen in this session.")
             return
+        self._diagnoses(console)
         console.print(self._workers())
         console.print(self._processes())
         self._findings(console)
@@ -86,6 +88,18 @@ class TextReporter:
                 f"[yellow]The probe dropped {r.session.probe_dropped} messages "
                 "(the warden was slow or absent).[/]"
             )
+
+    def _diagnoses(self, console: Console) -> None:
+        """The newest diagnosis of each diagnosed process, first: it says why and where."""
+        for p in self.report.processes:
+            if p.diagnosis is not None:
+                console.print(
+                    f"\n[bold]Diagnosis[/] of PID {p.pid} at "
+                    + datetime.datetime.fromtimestamp(p.diagnosis.at).strftime("%H:%M:%S")
+                )
+                render_diagnosis_into(console, p.diagnosis.document)
+        if any(p.diagnosis is not None for p in self.report.processes):
+            console.print()
 
     def _workers(self) -> Table:
         table = Table(title="Workers", title_justify="left")
