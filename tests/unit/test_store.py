@@ -287,3 +287,29 @@ def test_a_version_1_store_with_history_is_migrated_and_still_read(tmp_path: Pat
         0,
     )
     store.close()
+
+
+def test_a_diagnosis_is_stored_with_its_session_and_read_back(tmp_path: Path) -> None:
+    """A diagnosis of a process a session watched joins that session; one of a process
+    no session knows is kept apart; a row this version cannot read is skipped."""
+    from celery_warden._records import DiagnosisRecord, Verdict
+
+    store = Store.open(tmp_path / "w.db")
+    session = store.begin_session("run", "celery -A proj worker", 1.0)
+    store.write(
+        session,
+        [ProcessInfo(11, 101, 10, Role.CHILD, 1000.0, "celery -A proj worker", 10)],
+    )
+    document = {"verdict": "leak", "trace": {"task": "proj.add", "sites": []}}
+    kept = DiagnosisRecord(11, 101, 1010.0, "proj.add", Verdict.LEAK, False, document)
+    stray = DiagnosisRecord(99, 909, 1011.0, None, Verdict.STABLE, False, {})
+    store.add_diagnosis(kept)
+    store.add_diagnosis(stray)
+    store.connection.execute(
+        "INSERT INTO diagnoses (session_id, pid, start_ticks, at, verdict, document)"
+        " VALUES (?, 11, 101, 1012.0, 'from-the-future', '{}')",
+        (session,),
+    )
+    (read,) = read_snapshot(store.connection, session).diagnoses
+    assert read == kept
+    store.close()
