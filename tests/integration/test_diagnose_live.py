@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import sys
 import subprocess
 import time
 from collections.abc import Callable
@@ -39,7 +40,7 @@ def faults_worker(
     """A prefork worker with one child running the faults app, under the warden."""
     store = tmp_path / "warden.db"
     worker = [
-        "celery", "-A", "warden_faults", "worker", "--pool", "prefork", "-c", "1",
+        sys.executable, "-m", "celery", "-A", "warden_faults", "worker", "--pool", "prefork", "-c", "1",
         "-Q", queue, "-n", f"{queue}@%h", "-l", "warning",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
@@ -108,7 +109,7 @@ def _assert_found(document: dict[str, Any], verdict: str, site: str, kind: str, 
         ("faults.records", "records", "warden_faults.Record", "warden_faults.RECORDS["),
         ("faults.cache", "cache", "warden_faults.Profile", _CACHE_ROOT),
         ("faults.listeners", "listeners", "function", "warden_faults.LISTENERS["),
-        ("faults.errors", "errors", "warden_faults.Snapshot", "warden_faults.ERRORS["),
+        ("faults.errors", "errors", "ValueError", "warden_faults.ERRORS["),
     ],
 )  # fmt: skip
 def test_a_python_leak_is_found_with_its_line_type_and_root(
@@ -172,7 +173,7 @@ def test_diagnose_bad_targets_get_one_line(
     """A process without the probe, the prefork master with --task, an unknown PID:
     one line on stderr, a non-zero exit, no traceback."""
     store, _queue = faults_worker
-    master = query(store, "SELECT pid FROM processes WHERE role = 'master'")[0][0]
+    master = wait_until(lambda: query(store, "SELECT pid FROM workers"), what="the master")[0][0]  # type: ignore[index]
     sleeper = spawn(["sleep", "60"])
     cases = {
         str(sleeper.pid): "no celery-warden probe",

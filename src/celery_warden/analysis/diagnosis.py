@@ -85,8 +85,12 @@ def classify(document: Mapping[str, Any]) -> DiagnosisFinding:
     if calls:
         grew = _delta(before, after, "uss") or _delta(before, after, "rss")
         in_use = _delta(before, after, "malloc_in_use", "malloc_mmapped")
-        native_total = max(0.0, in_use - kept * calls)
-        native_per_call = native_total / calls
+        slope = trace.get("malloc_growth_per_call")
+        # The per-call slope, when the probe measured one, ignores one-off growth (the
+        # tracer's tables, a thread's first cache); else the growth over all the calls.
+        per_call = float(slope) if isinstance(slope, (int, float)) else in_use / calls
+        native_per_call = max(0.0, per_call - kept)
+        native_total = native_per_call * calls
         evidence.append(
             f"{calls} calls of {trace.get('task')} traced: each kept {format_bytes(kept)} "
             f"of Python allocations; the process grew {format_bytes(grew)} in all, malloc's "

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
 import sysconfig
 import threading
 import time
 import tracemalloc
 from typing import Any
 
-from celery_warden.probe import _heap
+from celery_warden.probe import _alloc, _heap
 
 __all__ = ["IDLE_CLOSE_SECONDS", "Trace"]
 
@@ -104,6 +105,7 @@ class Trace:
         self._check_kept: dict[tracemalloc.Traceback, tuple[int, int]] = {}
         self._holding = False
         self.survival: float | None = None
+        self._malloc: list[int] = []  # malloc's bytes in use after each window
 
     # -- called from the probe's receivers (the task's thread) ------------------------
 
@@ -196,8 +198,23 @@ class Trace:
             if stop:
                 tracemalloc.stop()
                 self.traced_seconds += time.perf_counter() - self._opened_at
+                self._read_malloc()
             if self.windows >= self.calls:
                 self._finish()
+
+    def _read_malloc(self) -> None:
+        """malloc's bytes in use (arenas and mmapped chunks) after a window, tracing
+        off: their growth per call, beyond what tracemalloc saw kept, is native."""
+        state = _alloc.malloc_state()
+        in_use, mmapped = state.get("malloc_in_use"), state.get("malloc_mmapped")
+        if in_use is not None and mmapped is not None:
+            self._malloc.append(in_use + mmapped)
+
+    def _malloc_growth_per_call(self) -> float | None:
+        """The median growth from one traced call to the next: one-off growth (the
+        tracer's own tables, a thread's first cache) is not a slope."""
+        steps = [b - a for a, b in zip(self._malloc, self._malloc[1:], strict=False)]
+        return float(statistics.median(steps)) if len(steps) >= 3 else None
 
     def _check_survival(self, s2: dict[tracemalloc.Traceback, tuple[int, int]]) -> None:
         """Of what one call kept, how much is still there after the next call.
@@ -287,6 +304,7 @@ class Trace:
             "frames": self.frames,
             "kept_bytes_per_call": sum(s["bytes"] for s in sites.values()) / windows,
             "kept_after_next_call": self.survival,
+            "malloc_growth_per_call": self._malloc_growth_per_call(),
             "census_calls": self._census_windows,
             "traced_seconds": self.traced_seconds,
             "sites": out_sites,
