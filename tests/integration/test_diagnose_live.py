@@ -7,8 +7,8 @@ import json
 import os
 import re
 import signal
-import sys
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,8 +40,8 @@ def faults_worker(
     """A prefork worker with one child running the faults app, under the warden."""
     store = tmp_path / "warden.db"
     worker = [
-        sys.executable, "-m", "celery", "-A", "warden_faults", "worker", "--pool", "prefork", "-c", "1",
-        "-Q", queue, "-n", f"{queue}@%h", "-l", "warning",
+        sys.executable, "-m", "celery", "-A", "warden_faults", "worker",
+        "--pool", "prefork", "-c", "1", "-Q", queue, "-n", f"{queue}@%h", "-l", "warning",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
     spawn(warden_command("run", "--store", str(store), "--", *worker), env=_env())
