@@ -41,7 +41,6 @@ def faults_worker(
     store = tmp_path / "warden.db"
     worker = [
         sys.executable, "-m", "celery", "-A", "warden_faults", "worker",
-        "--pool", "prefork", "-c", "1",
         "--pool", "prefork", "-c", "1", "-Q", queue, "-n", f"{queue}@%h", "-l", "warning",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
