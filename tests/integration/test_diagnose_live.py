@@ -210,3 +210,30 @@ def test_a_child_that_dies_mid_diagnosis_is_one_line(
     message = err.decode()
     assert re.search(r"exited before it answered|closed the connection", message), message
     assert "Traceback" not in message
+
+
+def test_run_traces_a_leaking_name_by_itself(
+    spawn: Callable[..., subprocess.Popen[bytes]], queue: str, tmp_path: Path
+) -> None:
+    """Under `run`, once attribution names a leaking task, the warden traces it in the
+    child that ran it and stores the diagnosis, with nobody asking."""
+    store = tmp_path / "warden.db"
+    worker = [
+        sys.executable, "-m", "celery", "-A", "warden_faults", "worker",
+        "--pool", "prefork", "-c", "1", "-Q", queue, "-n", f"{queue}@%h", "-l", "warning",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]  # fmt: skip
+    env = {**_env(), "CELERY_WARDEN_AUTO_DIAGNOSE_SECONDS": "3"}
+    spawn(warden_command("run", "--store", str(store), "--", *worker), env=env)
+    send = _sender(queue)
+    deadline = time.monotonic() + 240
+    found: list[tuple[object, ...]] = []
+    while not found and time.monotonic() < deadline:
+        send("faults.records", 20)
+        time.sleep(0.5)
+        found = query(store, "SELECT task_name, verdict, document FROM diagnoses")
+    assert found, "no automatic diagnosis"
+    task_name, verdict, document = found[0]
+    assert (task_name, verdict) == ("faults.records", "leak"), json.loads(str(document))["evidence"]
+    trace = json.loads(str(document))["trace"]
+    assert f"{FAULTS_FILE}:{_site_line('records')}" in trace["sites"][0]["stack"]

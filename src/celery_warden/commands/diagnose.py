@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import socket
-import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import click
 import psutil
@@ -19,12 +16,10 @@ import psutil
 from celery_warden import control
 from celery_warden._argv import is_pool_title, is_worker_argv
 from celery_warden._procs import Vanished, find_worker_masters, read_cmdline
-from celery_warden._records import DiagnosisRecord
-from celery_warden.analysis.diagnosis import classify
 from celery_warden.commands._common import resolve_store, seconds_option, store_option
+from celery_warden.diagnose import diagnose, store_diagnosis
 from celery_warden.exceptions import NoWorkerFound, StoreError, UsageError, WardenError
 from celery_warden.reporters.diagnosis import render_diagnosis
-from celery_warden.store import Store
 
 __all__ = ["command", "nodename_of"]
 
@@ -85,17 +80,6 @@ def _pick_child(name: str) -> int:
     return max(candidates)[1] if candidates else master
 
 
-def _finite(value: Any) -> Any:
-    """The document with NaN and infinities as null (JSON has neither)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _stacks_without_probe(pid: int, reason: control.NoProbe) -> int:
     """What can still be seen of a process without the probe: its stacks, by py-spy."""
     click.echo(f"celery-warden: {reason}", err=True)
@@ -140,7 +124,7 @@ def _stacks_without_probe(pid: int, reason: control.NoProbe) -> int:
     type=click.IntRange(1, 1000),
     default=50,
     show_default=True,
-    help="How many calls of --task to trace.",
+    help="How many calls of --task to trace (as many more run untraced, measured).",
 )
 @click.option(
     "--frames",
@@ -195,55 +179,35 @@ def command(
     if (pid is None) == (worker is None):
         raise UsageError("name one process: a PID, or --worker NAME")
     target = pid if pid is not None else _pick_child(str(worker))
-    try:
-        hello = control.ask(target, {"op": "hello"}, timeout=10)
-    except control.NoProbe as exc:
-        return _stacks_without_probe(target, exc)
-    if task and hello.get("master") and hello.get("pool") == "prefork":
-        raise UsageError(
-            f"PID {target} is the master of a prefork pool: its children run the tasks; "
-            "pass a child's PID, or --worker NAME"
-        )
-    document: dict[str, Any] = {
-        "pid": hello["pid"],
-        "start_ticks": hello["start_ticks"],
-        "pool": hello.get("pool"),
-        "master": bool(hello.get("master")),
-        "at": time.time(),
-        "request": {"task": task, "calls": calls, "frames": frames, "trim": trim},
-        "show_values": show_values,
-    }
-    memory = control.ask(target, {"op": "memory", "trim": trim and not task}, timeout=60)
-    document["breakdown"] = memory.get("breakdown")
-    document["census"] = memory.get("census")
-    document["trim"] = memory.get("trim")
-    if task:
+
+    def armed() -> None:
         click.echo(
             f"celery-warden: tracing the next {calls} calls of {task} in PID {target} "
             f"(at most {timeout_seconds:g} s)...",
             err=True,
         )
-        request = {
-            "op": "trace",
-            "task": task,
-            "calls": calls,
-            "frames": frames,
-            "timeout": timeout_seconds,
-            "trim": trim,
-            "show_values": show_values,
-        }
-        traced = control.ask(target, request, timeout=timeout_seconds + 120)
-        for key in ("trace", "before", "after"):
-            document[key] = traced.get(key)
-        if trim:
-            document["trim"] = traced.get("trim")
-    finding = classify(document)
-    document["verdict"] = finding.verdict.value
-    document["evidence"] = list(finding.evidence)
-    document["advice"] = list(finding.advice)
-    document = _finite(document)
+
+    try:
+        document = diagnose(
+            target,
+            task=task,
+            calls=calls,
+            frames=frames,
+            timeout=timeout_seconds,
+            trim=trim,
+            show_values=show_values,
+            on_armed=armed,
+        )
+    except control.NoProbe as exc:
+        return _stacks_without_probe(target, exc)
     if not no_store:
-        _store(store_path, document, task, show_values)
+        path = resolve_store(store_path)
+        try:
+            number = store_diagnosis(path, document)
+        except StoreError as exc:
+            click.echo(f"celery-warden: not stored: {exc}", err=True)
+        else:
+            document["stored"] = {"store": str(path), "id": number}
     if fmt == "json":
         json.dump(document, output, indent=2)
         output.write("\n")
@@ -251,30 +215,3 @@ def command(
         to_terminal = output is sys.stdout or getattr(output, "name", "-") == "-"
         render_diagnosis(document, output, width=None if to_terminal else 120)
     return 0
-
-
-def _store(store_path: Path | None, document: dict[str, Any], task: str | None, show: bool) -> None:
-    """Record the diagnosis for `report`; a store that cannot take it costs a warning,
-    not the diagnosis just made."""
-    path = resolve_store(store_path)
-    record = DiagnosisRecord(
-        pid=int(document["pid"]),
-        start_ticks=int(document["start_ticks"]),
-        at=float(document["at"]),
-        task_name=task,
-        verdict=classify(document).verdict,
-        show_values=show,
-        document=document,
-    )
-    try:
-        store = Store.open(path)
-    except StoreError as exc:
-        click.echo(f"celery-warden: not stored: {exc}", err=True)
-        return
-    try:
-        number = store.add_diagnosis(record)
-        document["stored"] = {"store": str(path), "id": number}
-    except (sqlite3.Error, StoreError) as exc:  # the diagnosis is printed either way
-        click.echo(f"celery-warden: not stored in {path}: {exc}", err=True)
-    finally:
-        store.close()

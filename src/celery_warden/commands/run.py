@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +12,7 @@ import click
 
 from celery_warden._config import SamplerConfig
 from celery_warden.commands._common import resolve_store, seconds_option, store_option
+from celery_warden.diagnose import AutoDiagnoser
 from celery_warden.runner import check_commands, run_workers
 from celery_warden.session import Session
 from celery_warden.store import Store
@@ -33,11 +36,17 @@ interval_option = seconds_option(
 )
 @interval_option
 @click.option("--no-probe", is_flag=True, help="Do not attach the in-worker probe.")
+@click.option(
+    "--no-auto-diagnose",
+    is_flag=True,
+    help="Do not trace a task name automatically when attribution finds it leaks.",
+)
 @store_option
 @click.argument("worker_command", nargs=-1, type=click.UNPROCESSED)
 def command(
     interval_seconds: float,
     no_probe: bool,
+    no_auto_diagnose: bool,
     store_path: Path | None,
     worker_command: tuple[str, ...],
 ) -> int:
@@ -46,8 +55,22 @@ def command(
     Every process of the worker's tree is sampled and every task recorded (through a
     probe attached with no change to your code). SIGINT and SIGTERM are forwarded to
     the worker's master only, so Celery's warm shutdown lets running tasks finish.
+
+    Every 10 minutes the session is analysed as `report` does; a task name found to
+    leak is traced once, in the child that ran it most (`diagnose --task`), and the
+    diagnosis stored (--no-auto-diagnose turns this off).
     """
-    return run_under_warden(worker_command, interval_seconds, no_probe, store_path)
+    return run_under_warden(
+        worker_command, interval_seconds, no_probe, store_path, auto_diagnose=not no_auto_diagnose
+    )
+
+
+def _seconds(text: str | None, default: float) -> float:
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        return default
+    return value if math.isfinite(value) else default
 
 
 def run_under_warden(
@@ -55,10 +78,14 @@ def run_under_warden(
     interval_seconds: float,
     no_probe: bool,
     store_path: Path | None,
+    *,
+    auto_diagnose: bool = True,
 ) -> int:
     """Start ``worker_command`` under a new session; return its exit code."""
     check_commands([worker_command])
-    store = Store.open(resolve_store(store_path))
+    path = resolve_store(store_path)
+    store = Store.open(path)
+    doctor: AutoDiagnoser | None = None
     try:
         session = Session(
             store,
@@ -67,6 +94,12 @@ def run_under_warden(
             config=SamplerConfig(interval_seconds=interval_seconds),
             with_probe=not no_probe,
         )
+        check = _seconds(os.environ.get(AutoDiagnoser.CHECK_ENV), 600.0)
+        if auto_diagnose and not no_probe and check > 0:
+            doctor = AutoDiagnoser(path, lambda: session.session_id, check_seconds=check)
+            doctor.start()
         return run_workers(session, [list(worker_command)])
     finally:
+        if doctor is not None:
+            doctor.stop()
         store.close()

@@ -13,6 +13,11 @@ hundreds of MB). So tracemalloc runs only in *windows*, one per traced call:
   return value is gone from S2, and what the pool allocated in between (the next
   message) has tracebacks that were not in S1.
 
+Every other call of the suspect runs untraced, its growth of malloc's bytes in use
+measured instead (from its start to the next task's): tracing leaves allocator state
+behind (free lists, caches), so the growth tracemalloc cannot see, native memory, is
+measured on calls that run without it. ``calls`` traced calls take about twice as many.
+
 One stretch is traced end to end instead: from the window of call ``calls // 2`` to the
 end of the next traced call, so what the first kept can be looked at again after the
 second (``kept_after_next_call``): a leak's keep is still there, an object that each
@@ -105,7 +110,11 @@ class Trace:
         self._check_kept: dict[tracemalloc.Traceback, tuple[int, int]] = {}
         self._holding = False
         self.survival: float | None = None
-        self._malloc: list[int] = []  # malloc's bytes in use after each window
+        # Every other call of the suspect runs untraced, to measure malloc's growth.
+        self._measure_next = False
+        self._measuring = False
+        self._measure_from: int | None = None
+        self._malloc_steps: list[int] = []
 
     # -- called from the probe's receivers (the task's thread) ------------------------
 
@@ -114,8 +123,15 @@ class Trace:
         with self._lock:
             if self._open:
                 self._close()
+            if self._measuring:
+                self._end_measure()
             if self.done.is_set() or name != self.task:
                 return
+            if self._measure_next and not self._holding:
+                self._measure_next = False
+                self._start_measure()
+                return
+            self._measure_next = True
             if not self._holding:
                 if tracemalloc.is_tracing():
                     self._finish(
@@ -150,6 +166,7 @@ class Trace:
         with self._lock:
             if self._open:
                 self._close()
+            self._measuring = False
             if self._holding:
                 self._holding = False
                 tracemalloc.stop()
@@ -198,22 +215,31 @@ class Trace:
             if stop:
                 tracemalloc.stop()
                 self.traced_seconds += time.perf_counter() - self._opened_at
-                self._read_malloc()
             if self.windows >= self.calls:
                 self._finish()
 
-    def _read_malloc(self) -> None:
-        """malloc's bytes in use (arenas and mmapped chunks) after a window, tracing
-        off: their growth per call, beyond what tracemalloc saw kept, is native."""
+    def _malloc_in_use(self) -> int | None:
         state = _alloc.malloc_state()
         in_use, mmapped = state.get("malloc_in_use"), state.get("malloc_mmapped")
-        if in_use is not None and mmapped is not None:
-            self._malloc.append(in_use + mmapped)
+        return None if in_use is None or mmapped is None else in_use + mmapped
+
+    def _start_measure(self) -> None:
+        """An untraced call of the suspect: malloc's bytes in use now and at the next
+        task's start. Tracing leaves allocator state behind (free lists, caches), so
+        native growth is measured on calls that run without it."""
+        self._measure_from = self._malloc_in_use()
+        self._measuring = self._measure_from is not None
+
+    def _end_measure(self) -> None:
+        self._measuring = False
+        now = self._malloc_in_use()
+        if now is not None and self._measure_from is not None:
+            self._malloc_steps.append(now - self._measure_from)
 
     def _malloc_growth_per_call(self) -> float | None:
-        """The median growth from one traced call to the next: one-off growth (the
-        tracer's own tables, a thread's first cache) is not a slope."""
-        steps = [b - a for a, b in zip(self._malloc, self._malloc[1:], strict=False)]
+        """The median growth of malloc's bytes in use over one untraced call of the
+        suspect: one-off growth (a cache's first fill) is not a per-call figure."""
+        steps = self._malloc_steps
         return float(statistics.median(steps)) if len(steps) >= 3 else None
 
     def _check_survival(self, s2: dict[tracemalloc.Traceback, tuple[int, int]]) -> None:
@@ -305,6 +331,7 @@ class Trace:
             "kept_bytes_per_call": sum(s["bytes"] for s in sites.values()) / windows,
             "kept_after_next_call": self.survival,
             "malloc_growth_per_call": self._malloc_growth_per_call(),
+            "calls_measured": len(self._malloc_steps),
             "census_calls": self._census_windows,
             "traced_seconds": self.traced_seconds,
             "sites": out_sites,
