@@ -190,6 +190,46 @@ def test_diagnose_bad_targets_get_one_line(
         assert "Traceback" not in done.stderr
 
 
+def test_the_master_answers_for_its_own_memory(
+    spawn: Callable[..., subprocess.Popen[bytes]], faults_worker: tuple[Path, str]
+) -> None:
+    """A prefork master runs no task, but its memory can be asked for."""
+    store, _queue = faults_worker
+    master = wait_until(lambda: query(store, "SELECT pid FROM workers"), what="the master")[0][0]  # type: ignore[index]
+    done = subprocess.run(
+        warden_command("diagnose", str(master), "--format", "json", "--store", str(store)),
+        capture_output=True, text=True, env=_env(), timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert document["master"] is True
+    assert document["breakdown"]["uss"] > 0
+    assert document["census"]  # the heap's types, by size
+    assert document["verdict"] in {"insufficient-data", "fragmentation"}
+
+
+def test_without_the_probe_the_stacks_are_read_with_py_spy(
+    spawn: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    """A Python process with no probe: what it is waiting in, by py-spy, and how to
+    attach the probe; exit 1, since no diagnosis was made."""
+    code = (
+        "import time\ndef waiting_here():\n    print('ready', flush=True)\n"
+        "    time.sleep(60)\nwaiting_here()\n"
+    )
+    sleeper = spawn([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert sleeper.stdout is not None
+    assert sleeper.stdout.readline() == b"ready\n"
+    done = subprocess.run(
+        warden_command("diagnose", str(sleeper.pid), "--no-store"),
+        capture_output=True, text=True, env=_env(), timeout=90, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "no celery-warden probe" in done.stderr
+    assert "celery-warden run" in done.stderr
+    assert "waiting_here" in done.stdout, done.stderr
+
+
 def test_a_child_that_dies_mid_diagnosis_is_one_line(
     spawn: Callable[..., subprocess.Popen[bytes]], faults_worker: tuple[Path, str]
 ) -> None:

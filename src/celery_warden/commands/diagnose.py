@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -83,7 +84,9 @@ def _pick_child(name: str) -> int:
 def _stacks_without_probe(pid: int, reason: control.NoProbe) -> int:
     """What can still be seen of a process without the probe: its stacks, by py-spy."""
     click.echo(f"celery-warden: {reason}", err=True)
-    spy = shutil.which("py-spy")
+    # The `stacks` extra installs it beside this Python, which may not be on PATH.
+    beside = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    spy = shutil.which("py-spy") or (beside if os.access(beside, os.X_OK) else None)
     if spy is None:
         click.echo(
             "celery-warden: without the probe only stacks can be read, with py-spy "
