@@ -3,7 +3,7 @@
 Each script measures celery-warden against its alternative in one run and prints
 Markdown tables (the ones docs/benchmarks.md records) and whether each target is met.
 ``make bench`` runs this; run a script alone for its options (``--help``).
-The whole takes about 13 minutes on 2 cores (bench_probe.py needs Redis).
+The whole takes about 16 minutes on 2 cores (bench_probe.py needs Redis).
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ from pathlib import Path
 from _util import describe_machine, load_average
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("bench_sampler.py", "bench_store.py", "bench_probe.py")
+SCRIPTS = (
+    "bench_sampler.py",
+    "bench_store.py",
+    "bench_probe.py",
+    "bench_heap.py",
+    "bench_diagnose.py",
+)
 
 
 def run(script: str) -> int:

@@ -190,21 +190,22 @@ class ControlServer:
                 conn, _ = sock.accept()
             except OSError:
                 return  # closed
+            slots = self._slots  # released to the same semaphore, even if close() renews it
             try:
-                if not self._slots.acquire(blocking=False):
+                if not slots.acquire(blocking=False):
                     _reply(conn, {"error": "busy: too many diagnoses of this process at once"})
                     conn.close()
                     continue
                 threading.Thread(
                     target=self._answer,
-                    args=(conn,),
+                    args=(conn, slots),
                     name="celery-warden-control-conn",
                     daemon=True,
                 ).start()
             except Exception:
                 conn.close()
 
-    def _answer(self, conn: socket.socket) -> None:
+    def _answer(self, conn: socket.socket, slots: threading.BoundedSemaphore) -> None:
         try:
             with conn:
                 _pid, uid, _gid = peer_credentials(conn)
@@ -228,7 +229,7 @@ class ControlServer:
         except Exception:
             _log.debug("celery-warden: control connection failed", exc_info=True)
         finally:
-            self._slots.release()
+            slots.release()
 
 
 def _read_request(conn: socket.socket) -> dict[str, Any] | str:

@@ -25,10 +25,11 @@ call replaces is not.
 
 Other task names run untraced (tracing is off outside windows but for that stretch); the
 traced call pays tracemalloc at ``frames`` deep, and the task after a window pays the
-second snapshot, which holds only what one call left. The last ``census_calls`` windows
-also count the types of the kept objects (one walk of the heap, charged to the start of
-the next task) and keep a few of them, so the control thread can walk their referrers to
-a root once the trace is over, outside any task.
+second snapshot, which holds only what one call left. The first ``census_calls`` windows
+after the first that kept something also count the types of the kept objects (one walk
+of the heap each, charged to the start of the next task: seconds on a heap of a million
+objects, docs/benchmarks.md) and keep a few of them, so the control thread can walk
+their referrers to a root once the trace is over, outside any task.
 
 For prefork and solo pools a window holds one call. In a threads pool, calls of other
 names that overlap a window are traced with it (tracemalloc is per process).
@@ -53,6 +54,7 @@ IDLE_CLOSE_SECONDS = 0.5
 MAX_SITES = 50
 MAX_TYPES = 30
 MAX_SAMPLES = 4
+CENSUS_MIN_BYTES = 256  # a window that kept less is not worth a walk of the heap
 _SNAPSHOT_TOP = 400  # tracebacks kept per snapshot, largest first
 
 # Frames in these trees are where memory is *allocated*, rarely where it is *kept*: a
@@ -82,7 +84,7 @@ def _is_library(filename: str) -> bool:
 class Trace:
     """One diagnosis's trace of the next ``calls`` calls of ``task`` in this process."""
 
-    def __init__(self, task: str, calls: int, frames: int, *, census_calls: int = 3) -> None:
+    def __init__(self, task: str, calls: int, frames: int, *, census_calls: int = 2) -> None:
         self.task = task
         self.calls = calls
         self.frames = frames
@@ -204,7 +206,12 @@ class Trace:
                     site[1] += count
                     site[2] += 1
             self._stat_windows += 1
-            if kept and self.windows > self.calls - self.census_calls:
+            kept_bytes = sum(size for size, _ in kept.values())
+            if (
+                kept_bytes >= CENSUS_MIN_BYTES
+                and self.windows > 1  # the first call warms caches up
+                and self._census_windows < self.census_calls
+            ):
                 self._count_types(set(kept))
             if self.windows == self._check_at and self.windows < self.calls:
                 # Trace on, through to the end of the next traced call.
