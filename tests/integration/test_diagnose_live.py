@@ -188,6 +188,14 @@ def test_diagnose_bad_targets_get_one_line(
         assert done.returncode != 0
         assert expected in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+    # the same through Celery's own command line
+    celery = [sys.executable, "-m", "celery", "-A", "warden_faults", "warden", "diagnose"]
+    done = subprocess.run(
+        [*celery, str(sleeper.pid), "--no-store"],
+        capture_output=True, text=True, env=_env(), timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "no celery-warden probe" in done.stderr, done.stderr
 
 
 def test_the_master_answers_for_its_own_memory(

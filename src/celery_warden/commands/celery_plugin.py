@@ -5,6 +5,7 @@ celery-warden is installed beside Celery::
 
     celery -A proj warden run worker -l info -c 4     # the worker, under the warden
     celery -A proj warden report                      # what `celery-warden report` says
+    celery -A proj warden diagnose --worker w1 --task proj.tasks.fetch
 
 ``run`` takes the arguments of a ``celery`` sub-command (``worker ...``) and starts
 ``python -m celery`` with the global options given before ``warden`` (``-A``, ``-b``,
@@ -55,10 +56,11 @@ def _celery_globals(ctx: click.Context) -> list[str]:
 
 class _WardenGroup(click.Group):
     """Celery imports every plugin on every ``celery`` call (a worker's start too), so
-    this module stays light and loads ``report`` and ``watch`` only when asked for.
-    Celery's CLI prints tracebacks for unknown exceptions: ours become one line."""
+    this module stays light and loads ``report``, ``watch`` and ``diagnose`` only when
+    asked for. Celery's CLI prints tracebacks for unknown exceptions: ours become one
+    line."""
 
-    _lazy = ("report", "watch")
+    _lazy = ("diagnose", "report", "watch")
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self._lazy])
