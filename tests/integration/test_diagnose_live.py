@@ -33,17 +33,22 @@ def _site_line(name: str) -> int:
     raise AssertionError(f"no site {name} in {FAULTS_FILE}")
 
 
+def _faults_worker(queue: str) -> list[str]:
+    """A prefork worker of the faults app with one child, on this test's queue."""
+    return [
+        sys.executable, "-m", "celery", "-A", "warden_faults", "worker",
+        "--pool", "prefork", "-c", "1", "-Q", queue, "-n", f"{queue}@%h", "-l", "warning",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]  # fmt: skip
+
+
 @pytest.fixture
 def faults_worker(
     spawn: Callable[..., subprocess.Popen[bytes]], queue: str, tmp_path: Path
 ) -> tuple[Path, str]:
     """A prefork worker with one child running the faults app, under the warden."""
     store = tmp_path / "warden.db"
-    worker = [
-        sys.executable, "-m", "celery", "-A", "warden_faults", "worker",
-        "--pool", "prefork", "-c", "1", "-Q", queue, "-n", f"{queue}@%h", "-l", "warning",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-    ]  # fmt: skip
+    worker = _faults_worker(queue)
     spawn(warden_command("run", "--store", str(store), "--", *worker), env=_env())
     wait_until(
         lambda: query(store, "SELECT count(*) FROM processes WHERE role = 'child'") == [(1,)],
@@ -266,11 +271,7 @@ def test_run_traces_a_leaking_name_by_itself(
     """Under `run`, once attribution names a leaking task, the warden traces it in the
     child that ran it and stores the diagnosis, with nobody asking."""
     store = tmp_path / "warden.db"
-    worker = [
-        sys.executable, "-m", "celery", "-A", "warden_faults", "worker",
-        "--pool", "prefork", "-c", "1", "-Q", queue, "-n", f"{queue}@%h", "-l", "warning",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-    ]  # fmt: skip
+    worker = _faults_worker(queue)
     env = {**_env(), "CELERY_WARDEN_AUTO_DIAGNOSE_SECONDS": "3"}
     spawn(warden_command("run", "--store", str(store), "--", *worker), env=env)
     send = _sender(queue)
