@@ -49,3 +49,9 @@ def test_the_demo_finds_the_leaking_task_and_only_it(tmp_path: Path) -> None:
         assert verdicts[(node, "child")] == "stable"
     assert not [v for (node, role), v in verdicts.items() if role == "master" and v == "leak"]
     assert document["session"]["probe_dropped"] == 0
+    # AND the leaking task was diagnosed live: its line, its type, its root
+    leaky = next(t for t in document["tasks"] if t["name"] == "demo.leaky")
+    assert leaky["diagnosis"]["verdict"] == "leak"
+    assert leaky["sites"][0]["file"].endswith("celery_warden/demo/app.py")
+    assert leaky["roots"][0].startswith("celery_warden.demo.app._RESULTS[")
+    assert "Diagnosis of PID" in demo.stdout

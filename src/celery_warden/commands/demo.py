@@ -16,11 +16,15 @@ import time
 from pathlib import Path
 
 import click
+import psutil
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from celery_warden._procs import find_worker_masters
 from celery_warden.analysis.report import build_report
 from celery_warden.commands._common import Context
+from celery_warden.diagnose import diagnose, store_diagnosis
+from celery_warden.exceptions import WardenError
 from celery_warden.reporters import TextReporter
 from celery_warden.runner import forward_to_masters, run_workers
 from celery_warden.session import Session
@@ -75,8 +79,9 @@ def command(ctx: Context, task_count: int, store_path: Path | None) -> int:
             session = Session(
                 store, mode="demo", command=f"celery-warden demo --tasks {task_count}"
             )
+            diagnosis = _Diagnosis(store.path, console)
             driver = threading.Thread(
-                target=_follow, args=(session, task_count, console), daemon=True
+                target=_follow, args=(session, task_count, console, diagnosis), daemon=True
             )
             driver.start()
             with (Path(folder) / "workers.log").open("wb") as log:
@@ -99,8 +104,34 @@ def _queue_tasks(task_count: int) -> None:
             tasks[n % len(tasks)].apply_async((n,), producer=producer)
 
 
-def _follow(session: Session, task_count: int, console: Console) -> None:
-    """Show progress until every task ran (or the workers stall), then stop them."""
+class _Diagnosis:
+    """What `celery-warden diagnose --worker leaky --task demo.leaky` does, once the
+    leaking worker is busy: trace its next calls, store the finding for the report."""
+
+    CALLS = 20
+
+    def __init__(self, store_path: Path, console: Console) -> None:
+        self.store_path = store_path
+        self.console = console
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            master = find_worker_masters("leaky@")[0]
+            child = psutil.Process(master).children()[0].pid
+            self.console.print(
+                f"[bold]diagnose[/]: tracing the next {self.CALLS} calls of demo.leaky "
+                f"in its child, PID {child}"
+            )
+            document = diagnose(child, task="demo.leaky", calls=self.CALLS, timeout=90)
+            store_diagnosis(self.store_path, document)
+        except (WardenError, psutil.Error, IndexError) as exc:
+            self.console.print(f"[yellow]diagnose: could not run ({exc})[/]")
+
+
+def _follow(session: Session, task_count: int, console: Console, diagnosis: _Diagnosis) -> None:
+    """Show progress until every task ran (or the workers stall), then stop them;
+    diagnose the leaking task on the way."""
     try:
         with Progress(
             TextColumn("[bold]tasks"),
@@ -117,8 +148,12 @@ def _follow(session: Session, task_count: int, console: Console) -> None:
                 if done != last:
                     last, stalled_at = done, time.monotonic() + _STALL_SECONDS
                 progress.update(bar, completed=done)
+                if done >= task_count // 10 and diagnosis.thread.ident is None:
+                    diagnosis.thread.start()
                 time.sleep(0.1)
             progress.update(bar, completed=session.tasks_finished)
         time.sleep(1.5)  # one more sweep after the last task
+        if diagnosis.thread.ident is not None:
+            diagnosis.thread.join(timeout=120)
     finally:
         forward_to_masters(session, signal.SIGTERM, [])
