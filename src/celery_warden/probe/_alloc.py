@@ -14,21 +14,17 @@ resident is in ``rss``/``uss``, which is why they are shown side by side.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import os
 import re
 import sys
 import tempfile
-import threading
 import time
 import tracemalloc
-from collections.abc import Callable
 from typing import Any
 
 __all__ = ["breakdown", "is_glibc", "trim"]
 
-_LOCK_SECONDS = 2.0  # a caller waits this long for another one's capture, then gets None
 _FOUR_GIB = 1 << 32
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -193,8 +189,7 @@ def malloc_state() -> dict[str, int | None]:
 # Every line _debugmallocstats writes (Objects/obmalloc.c, 3.10 to 3.13, and 3.9):
 # printone()'s "<label padded to 35>=<value, with commas, right-aligned in 21>", the
 # size-class table, and a few fixed lines. Strict on purpose (known labels, exact
-# padding): a line that is not exactly one of these belongs to someone else and is
-# written back to fd 2, and a foreign line glued to one of ours must not pass for it.
+# padding): numbers are read only from lines that are exactly one of these.
 _VALUE_LINE = re.compile(rb"(.{35,}?)=([ ,0-9]{20}[0-9])")
 _LABEL = re.compile(
     rb"# [a-z ]+|Total|[0-9]+ arenas \* [0-9]+ bytes/arena|[0-9]+ unused pools \* [0-9]+ bytes"
@@ -213,8 +208,6 @@ _FIXED_LINES = re.compile(  # the first alternative is the empty line
 )
 _ARENAS_LABEL = re.compile(rb"[0-9]+ arenas \* [0-9]+ bytes/arena")
 _UNUSED_POOLS_LABEL = re.compile(rb"[0-9]+ unused pools \* [0-9]+ bytes")
-_MAX_REPAIRS = 16  # split lines mended per capture, at most (each try costs a few regexes)
-_REPAIR_REACH = 4  # lines a foreign write may span inside one of ours
 
 
 def _value_line(line: bytes) -> tuple[bytes, int] | None:
@@ -228,65 +221,6 @@ def _value_line(line: bytes) -> tuple[bytes, int] | None:
     else:
         exact = _FREE_LIST_LABEL.fullmatch(label) is not None and padded == label.rjust(48) + b" "
     return (label, int(match[2].replace(b",", b""))) if exact else None
-
-
-def _is_stats_line(line: bytes) -> bool:
-    return bool(_value_line(line) or _CLASS_ROW.fullmatch(line) or _FIXED_LINES.fullmatch(line))
-
-
-def _split_capture(data: bytes) -> tuple[bytes, bytes]:
-    """Tell the stats apart from what other threads wrote to fd 2 meanwhile.
-
-    CPython writes the stats a few bytes per ``write`` (each padding space is one), so a
-    foreign write may land whole between two lines, or inside one of ours: then our line
-    comes out as ``head + foreign`` and, lines later, ``tail``. Those are mended when
-    ``head + tail`` is a stats line; a foreign write without a newline just before ours
-    is cut off our first line too. What still cannot be told apart is kept as foreign
-    (written back: a stats fragment on stderr beats a lost log line). A foreign *empty*
-    line is indistinguishable from the stats' own blank lines, and is dropped.
-    """
-    lines = data.split(b"\n")
-    rest = lines.pop()  # after the last newline: never ours, every stats line ends in one
-    ours: list[bytes] = []
-    theirs: list[bytes] = []
-    repairs = 0
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        i += 1
-        if _is_stats_line(line):
-            ours.append(line)
-            continue
-        if repairs < _MAX_REPAIRS:
-            repairs += 1
-            mended = _mend(line, lines, i)
-            if mended is not None:
-                stats_line, foreign, i = mended
-                ours.append(stats_line)
-                theirs.append(foreign)
-                continue
-        theirs.append(line + b"\n")
-    if rest:
-        theirs.append(rest)
-    return b"\n".join(ours) + b"\n" if ours else b"", b"".join(theirs)
-
-
-def _mend(line: bytes, lines: list[bytes], start: int) -> tuple[bytes, bytes, int] | None:
-    """A stats line with a foreign write inside it: (ours, theirs, next index), or None."""
-    for cut in range(1, len(line)):  # foreign bytes without a newline, then ours
-        if _is_stats_line(line[cut:]):
-            return line[cut:], line[:cut], start
-    for end in range(start, min(start + _REPAIR_REACH, len(lines))):
-        tail = lines[end]
-        # Longest head first: a write that landed just before one of our newlines
-        # leaves an empty tail, which is also a (blank) line of ours by itself.
-        for cut in range(len(line), -1, -1):
-            if _is_stats_line(line[:cut] + tail):
-                foreign = b"\n".join([line[cut:], *lines[start:end]]) + b"\n"
-                return line[:cut] + tail, foreign, end + 1
-        if _is_stats_line(tail):
-            return None  # a whole line of ours: no tail of a split one beyond it
-    return None
 
 
 def _parse_mallocstats(stats: bytes) -> tuple[int, int, int] | None:
@@ -361,43 +295,13 @@ def _direct_stats() -> _DirectStats | None:
         return None
 
 
-class _Capture:
-    """The fallback's one fd-2 redirection at a time; the lock is renewed in a forked
-    child (a fork taken while another thread held it would leave it held there)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.echoed = 0  # foreign bytes written back to fd 2, for tests and debugging
-
-    def renew(self) -> None:
-        self.lock = threading.Lock()
-
-
-_capture = _Capture()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_capture.renew)
-
-
 def _scratch_fd() -> int:
-    """An anonymous file to write the stats to, in memory when the kernel allows.
-
-    Opened for appending: once fd 2 points at it, the stats and other threads' lines
-    are written through one shared offset, and a memfd gets no offset lock (it is not
-    opened the regular way), so two ``write`` calls at once could land at the same
-    place and one overwrite the other (seen: a few lines lost per 300 captures).
-    """
-    fd = -1
+    """An anonymous file to write the stats to, in memory when the kernel allows."""
     if hasattr(os, "memfd_create"):
         with contextlib.suppress(OSError):
-            fd = os.memfd_create("celery-warden-mallocstats", os.MFD_CLOEXEC)
-    if fd < 0:
-        fd, path = tempfile.mkstemp(prefix="celery-warden-")
-        os.unlink(path)
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
-    except BaseException:
-        os.close(fd)
-        raise
+            return os.memfd_create("celery-warden-mallocstats", os.MFD_CLOEXEC)
+    fd, path = tempfile.mkstemp(prefix="celery-warden-")
+    os.unlink(path)
     return fd
 
 
@@ -409,73 +313,11 @@ def _read_all(fd: int, offset: int = 0) -> bytes:
     return b"".join(chunks)
 
 
-def _echo(data: bytes) -> None:
-    """Write other threads' bytes back to the real fd 2, whole (best effort)."""
-    view = memoryview(data)
-    while view:
-        try:
-            written = os.write(2, view)
-        except InterruptedError:
-            continue
-        except OSError:
-            return
-        _capture.echoed += written
-        view = view[written:]
-
-
-def _capture_fd2(call: Callable[[], object]) -> bytes:
-    """What ``call`` writes to the C-level stderr, with fd 2 restored afterwards and
-    whatever else reached fd 2 meanwhile written back to it.
-
-    Another thread's ``write`` that picked fd 2 up before the restore may land in the
-    file after the first read: the file is read once more after the stats are split
-    and echoed (stragglers can only be foreign, the stats were complete by then). One
-    that takes longer still is lost: this is the fallback's residual risk.
-    """
-    stream = sys.stderr
-    if stream is not None:
-        with contextlib.suppress(Exception):
-            stream.flush()
-    sink = _scratch_fd()
-    try:
-        saved = os.dup(2)
-        try:
-            os.dup2(sink, 2)
-            try:
-                call()
-            finally:
-                os.dup2(saved, 2)
-        finally:
-            os.close(saved)
-        data = _read_all(sink)
-        ours, theirs = _split_capture(data)
-        if theirs:
-            _echo(theirs)
-        if stragglers := _read_all(sink, len(data)):
-            _echo(stragglers)
-    finally:
-        os.close(sink)
-    return ours
-
-
-def _stats_via_fd2() -> bytes | None:
-    """The fallback: ``sys._debugmallocstats()``, its fd 2 pointed at a file meanwhile."""
-    stats = getattr(sys, "_debugmallocstats", None)
-    if stats is None:
-        return None  # not CPython
-    if not _capture.lock.acquire(timeout=_LOCK_SECONDS):
-        return None
-    try:
-        return _capture_fd2(stats)
-    finally:
-        _capture.lock.release()
-
-
-def _pymalloc(*, via_fd2: bool = False) -> tuple[int, int, int] | None:
+def _pymalloc() -> tuple[int, int, int] | None:
     """pymalloc's (arenas, used, free) bytes, from its own stats' text."""
     try:
-        direct = None if via_fd2 else _direct_stats()
-        text = direct.text() if direct is not None else _stats_via_fd2()
+        direct = _direct_stats()
+        text = direct.text() if direct is not None else b""
         return _parse_mallocstats(text) if text else None
     except Exception:
         return None
@@ -511,17 +353,14 @@ def breakdown() -> dict[str, int | None]:
     Cost (measured, Python 3.10 to 3.13, 2 cores): about 0.35 ms in a fresh interpreter,
     1.5 ms at 130 MB RSS, 12 ms at 1 GiB: the kernel's walk of the page tables for
     ``smaps_rollup`` dominates (about 10 ms per GiB of RSS). The pymalloc stats take
-    0.1 ms (0.15 ms with 5 million objects: they walk every pool, under the GIL; 0.6 ms
-    through the fd-2 fallback, which CPython writes a few bytes per syscall); mallinfo
+    0.1 ms (0.15 ms with 5 million objects: they walk every pool, under the GIL); mallinfo
     under 1 ms even with 80,000 free chunks to walk (each arena's lock held in turn).
 
     pymalloc's stats are CPython's own (``sys._debugmallocstats()``'s first part), written
     to an anonymous file through ``_PyObject_DebugMallocStats(FILE *)``: fd 2 is never
-    touched. Where that symbol cannot be reached (an interpreter that hides it), fd 2
-    itself is pointed at the file for the length of ``sys._debugmallocstats()``, one
-    caller at a time: lines other threads write to fd 2 meanwhile are written back to it
-    a moment late; a write still in flight well after the restore is lost, and a process
-    forked (``subprocess``) in that instant inherits the file as its stderr.
+    touched (redirecting it would race with the worker's other threads writing logs).
+    Where that symbol cannot be reached (an interpreter that hides it), the
+    ``pymalloc_*`` fields are None.
     """
     result: dict[str, int | None] = {}
     try:
