@@ -47,11 +47,13 @@ def diagnose(
     timeout: float = 600.0,
     trim: bool = False,
     show_values: bool = False,
+    census: bool = True,
     on_armed: Any = None,
 ) -> dict[str, Any]:
     """Ask ``pid``'s probe where its memory is and, with ``task``, what the next
     ``calls`` calls of that name keep; the document, with its verdict, evidence and
-    advice. Every failure is a :class:`WardenError` of one line."""
+    advice. ``census=False`` skips the whole-heap census (a walk of the heap first).
+    Every failure is a :class:`WardenError` of one line."""
     hello = control.ask(pid, {"op": "hello"}, timeout=10)
     if task and hello.get("master") and hello.get("pool") == "prefork":
         raise UsageError(
@@ -67,7 +69,9 @@ def diagnose(
         "request": {"task": task, "calls": calls, "frames": frames, "trim": trim},
         "show_values": show_values,
     }
-    memory = control.ask(pid, {"op": "memory", "trim": trim and not task}, timeout=60)
+    memory = control.ask(
+        pid, {"op": "memory", "trim": trim and not task, "census": census}, timeout=60
+    )
     document["breakdown"] = memory.get("breakdown")
     document["census"] = memory.get("census")
     document["trim"] = memory.get("trim")

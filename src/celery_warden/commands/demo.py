@@ -20,11 +20,12 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from celery_warden import control
 from celery_warden._procs import find_worker_masters
 from celery_warden.analysis.report import build_report
 from celery_warden.commands._common import Context
 from celery_warden.diagnose import diagnose, store_diagnosis
-from celery_warden.exceptions import WardenError
+from celery_warden.exceptions import NoWorkerFound, WardenError
 from celery_warden.reporters import TextReporter
 from celery_warden.runner import forward_to_masters, run_workers
 from celery_warden.session import Session
@@ -105,27 +106,46 @@ def _queue_tasks(task_count: int) -> None:
 
 
 class _Diagnosis:
-    """What `celery-warden diagnose --worker leaky --task demo.leaky` does, once the
-    leaking worker is busy: trace its next calls, store the finding for the report."""
+    """What `celery-warden diagnose --worker leaky --task demo.leaky` does: trace the
+    leaking task's next calls in its live child and store the finding for the report.
+
+    Armed as soon as the child answers: its calls are quick and were all queued before
+    it started (the demo's broker needs that), so waiting would find them done."""
 
     CALLS = 20
+    READY_SECONDS = 60.0
 
     def __init__(self, store_path: Path, console: Console) -> None:
         self.store_path = store_path
         self.console = console
         self.thread = threading.Thread(target=self._run, daemon=True)
 
+    def _child(self) -> int:
+        deadline = time.monotonic() + self.READY_SECONDS
+        while True:
+            for master in find_worker_masters("leaky@"):
+                for child in psutil.Process(master).children():
+                    try:
+                        control.socket_for(child.pid)
+                    except WardenError:
+                        continue
+                    return child.pid
+            if time.monotonic() > deadline:
+                raise NoWorkerFound("the leaky worker's child did not start")
+            time.sleep(0.05)
+
     def _run(self) -> None:
         try:
-            master = find_worker_masters("leaky@")[0]
-            child = psutil.Process(master).children()[0].pid
+            child = self._child()
             self.console.print(
                 f"[bold]diagnose[/]: tracing the next {self.CALLS} calls of demo.leaky "
                 f"in its child, PID {child}"
             )
-            document = diagnose(child, task="demo.leaky", calls=self.CALLS, timeout=90)
+            document = diagnose(
+                child, task="demo.leaky", calls=self.CALLS, timeout=60, census=False
+            )
             store_diagnosis(self.store_path, document)
-        except (WardenError, psutil.Error, IndexError) as exc:
+        except (WardenError, psutil.Error) as exc:
             self.console.print(f"[yellow]diagnose: could not run ({exc})[/]")
 
 
@@ -141,6 +161,7 @@ def _follow(session: Session, task_count: int, console: Console, diagnosis: _Dia
             console=console,
         ) as progress:
             bar = progress.add_task("tasks", total=task_count)
+            diagnosis.thread.start()
             stalled_at = time.monotonic() + _START_TIMEOUT_SECONDS
             last = -1
             while session.tasks_finished < task_count and time.monotonic() < stalled_at:
@@ -148,8 +169,6 @@ def _follow(session: Session, task_count: int, console: Console, diagnosis: _Dia
                 if done != last:
                     last, stalled_at = done, time.monotonic() + _STALL_SECONDS
                 progress.update(bar, completed=done)
-                if done >= task_count // 10 and diagnosis.thread.ident is None:
-                    diagnosis.thread.start()
                 time.sleep(0.1)
             progress.update(bar, completed=session.tasks_finished)
         time.sleep(1.5)  # one more sweep after the last task
