@@ -256,10 +256,15 @@ def _read_request(conn: socket.socket) -> dict[str, Any] | str:
     return request
 
 
+# Combined once, here: combining flags makes a new enum member, which the enum caches for
+# good; made during a trace, it would show among what the traced call kept.
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+
+
 def _peer_closed(conn: socket.socket) -> bool:
     """Whether the client has hung up (a long trace stops early then)."""
     try:
-        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        return conn.recv(1, _PEEK_NOW) == b""
     except (BlockingIOError, InterruptedError, TimeoutError):
         return False
     except OSError:

@@ -65,10 +65,8 @@ _LIBRARY_DIRS = tuple(
 )
 # The probe's own allocations (the snapshots, the tables) are not the task's. Only the
 # probe's directory: the rest of the package (the demo's app) is code like any other.
-_OWN_FRAMES = [
-    tracemalloc.Filter(False, os.path.join(os.path.dirname(__file__), "*")),
-    tracemalloc.Filter(False, tracemalloc.__file__),
-]
+_OWN_PREFIXES = (os.path.join(os.path.dirname(__file__), ""), tracemalloc.__file__ or "")
+Frames = tuple[tuple[str, int], ...]  # an allocation's traceback, innermost frame first
 _LIBRARY_PACKAGES = ("celery", "kombu", "billiard", "vine", "amqp")
 
 
@@ -99,9 +97,9 @@ class Trace:
         self._open = False
         self._in_call = False
         self._ended = 0.0
-        self._s1: dict[tracemalloc.Traceback, tuple[int, int]] = {}
+        self._s1: dict[Frames, tuple[int, int]] = {}
         # traceback -> [bytes, count, windows it kept something in]
-        self._sites: dict[tracemalloc.Traceback, list[int]] = {}
+        self._sites: dict[Frames, list[int]] = {}
         self._types: dict[str, list[int]] = {}
         self._census_windows = 0
         self.samples: list[object] = []
@@ -111,7 +109,7 @@ class Trace:
         # The survival check: the keep of window _check_at is looked at again after
         # the next traced call (tracing held on in between); None when not done.
         self._check_at = calls // 2 if calls >= 4 else 0
-        self._check_kept: dict[tracemalloc.Traceback, tuple[int, int]] = {}
+        self._check_kept: dict[Frames, tuple[int, int]] = {}
         self._holding = False
         self.survival: float | None = None
         # Every other call of the suspect runs untraced, to measure malloc's growth.
@@ -124,6 +122,8 @@ class Trace:
 
     def before_task(self, name: str) -> None:
         """task_prerun: close the window left open; open one for the suspect."""
+        if name != self.task and not (self._open or self._measuring):
+            return  # the common case, without the lock (a stale read only delays a close)
         with self._lock:
             if self._open:
                 self._close()
@@ -149,11 +149,13 @@ class Trace:
 
     def after_task(self, name: str) -> None:
         """task_postrun: what the call's allocations hold at its end (S1)."""
+        if name != self.task:
+            return
         with self._lock:
             if not (self._open and self._in_call and name == self.task):
                 return
             self._in_call = False
-            self._s1 = _by_traceback(tracemalloc.take_snapshot())
+            self._s1 = _by_traceback()
             self._ended = time.monotonic()
 
     # -- called from the control thread -------------------------------------------------
@@ -191,13 +193,13 @@ class Trace:
             if self._in_call:  # the call never reached postrun (it raised past it)
                 self._s1 = {}
             gc.collect(1)
-            s2 = _by_traceback(tracemalloc.take_snapshot())
+            s2 = _by_traceback()
             self.windows += 1
             if self._holding:  # the check window: did the first call's keep survive?
                 self._holding = False
                 self._check_survival(s2)
                 return
-            kept: dict[tracemalloc.Traceback, tuple[int, int]] = {}
+            kept: dict[Frames, tuple[int, int]] = {}
             for traceback, (size1, count1) in self._s1.items():
                 size2, count2 = s2.get(traceback, (0, 0))
                 size, count = min(size1, size2), min(count1, count2)
@@ -251,7 +253,7 @@ class Trace:
         steps = self._malloc_steps
         return float(statistics.median(steps)) if len(steps) >= 3 else None
 
-    def _check_survival(self, s2: dict[tracemalloc.Traceback, tuple[int, int]]) -> None:
+    def _check_survival(self, s2: dict[Frames, tuple[int, int]]) -> None:
         """Of what one call kept, how much is still there after the next call.
 
         The same lines allocate again in the second call, so per traceback the second
@@ -268,9 +270,9 @@ class Trace:
         self.survival = survived / first
         self._check_kept = {}
 
-    def _count_types(self, kept: set[tracemalloc.Traceback]) -> None:
+    def _count_types(self, kept: set[Frames]) -> None:
         def accept(traceback: tracemalloc.Traceback) -> bool:
-            return traceback in kept
+            return _frames(traceback) in kept
 
         rows, samples = _heap.kept_census(limit=MAX_TYPES, accept=accept)
         self._census_windows += 1
@@ -289,7 +291,7 @@ class Trace:
         windows = max(self._stat_windows, 1)
         sites: dict[tuple[str, int], dict[str, Any]] = {}
         for traceback, (size, count, seen) in self._sites.items():
-            frames = [(f.filename, f.lineno) for f in reversed(traceback)]  # innermost first
+            frames = list(traceback)  # innermost first
             where = next((f for f in frames if not _is_library(f[0])), frames[0])
             site = sites.get(where)
             if site is None:
@@ -356,9 +358,45 @@ def _type_name(obj: object) -> str:
     return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
 
 
-def _by_traceback(snapshot: tracemalloc.Snapshot) -> dict[tracemalloc.Traceback, tuple[int, int]]:
+def _traces() -> list[tuple[Any, ...]]:
+    """Every live trace as ``(domain, size, frames, total_nframe)``, ``frames`` the
+    ``(filename, lineno)`` pairs innermost first: what ``take_snapshot()`` copies before
+    wrapping it in objects. Grouped here by hand, a window's snapshot costs a tenth of
+    ``Snapshot.statistics()`` (which builds a Traceback object per trace and sorts)."""
+    raw = getattr(tracemalloc, "_get_traces", None)
+    if raw is not None:
+        traces: list[tuple[Any, ...]] = raw()
+        return traces
+    return [  # an interpreter without the private call: the public objects, converted
+        (trace.domain, trace.size, _frames(trace.traceback), len(trace.traceback))
+        for trace in tracemalloc.take_snapshot().traces
+    ]
+
+
+def _frames(traceback: tracemalloc.Traceback) -> Frames:
+    """A Traceback as the raw frames, innermost first."""
+    return tuple((frame.filename, frame.lineno) for frame in reversed(traceback))
+
+
+def _ours(frames: Frames) -> bool:
+    """An allocation made by the probe itself: any frame of its stack is the probe's
+    (the control thread answering while a call is traced, the receivers), or it is
+    tracemalloc's own."""
+    return any(filename.startswith(_OWN_PREFIXES) for filename, _line in frames)
+
+
+def _by_traceback() -> dict[Frames, tuple[int, int]]:
     """Bytes and blocks per allocation traceback, the largest ``_SNAPSHOT_TOP``; the
-    warden's own frames left out."""
-    snapshot = snapshot.filter_traces(_OWN_FRAMES)
-    stats = snapshot.statistics("traceback")[:_SNAPSHOT_TOP]
-    return {stat.traceback: (stat.size, stat.count) for stat in stats}
+    probe's own allocations left out."""
+    grouped: dict[Frames, list[int]] = {}
+    for _domain, size, frames, _total in _traces():
+        if not frames or _ours(frames):
+            continue
+        entry = grouped.get(frames)
+        if entry is None:
+            grouped[frames] = [size, 1]
+        else:
+            entry[0] += size
+            entry[1] += 1
+    largest = sorted(grouped.items(), key=lambda item: -item[1][0])[:_SNAPSHOT_TOP]
+    return {frames: (size, count) for frames, (size, count) in largest}
