@@ -96,7 +96,7 @@ def ask(pid: int, request: dict[str, Any], *, timeout: float = 30.0) -> dict[str
                 f"{path} is answered by PID {peer_pid}, not {pid}: a stale socket, refused"
             )
         sock.sendall(json.dumps(request, separators=(",", ":")).encode() + b"\n")
-        data = _read_line(sock, pid, timeout)
+        data = _read_line(sock, pid)
     except TimeoutError:
         raise ControlFailed(f"PID {pid} did not answer within {timeout:g} s") from None
     except OSError as exc:
@@ -114,7 +114,7 @@ def ask(pid: int, request: dict[str, Any], *, timeout: float = 30.0) -> dict[str
     return reply
 
 
-def _read_line(sock: socket.socket, pid: int, timeout: float) -> bytes:
+def _read_line(sock: socket.socket, pid: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -125,7 +125,7 @@ def _read_line(sock: socket.socket, pid: int, timeout: float) -> bytes:
             raise ControlFailed(f"PID {pid} exited before it answered")
         chunks.append(chunk)
         size += len(chunk)
-        if chunk.endswith(b"\n") or b"\n" in chunk:
+        if b"\n" in chunk:
             return b"".join(chunks).partition(b"\n")[0]
         if size > MAX_REPLY:
             raise ControlFailed(f"PID {pid}'s reply is larger than {MAX_REPLY} bytes")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from celery_warden import _procs, control
-from celery_warden._records import DiagnosisRecord, Role
+from celery_warden._records import DiagnosisRecord, Role, Verdict
 from celery_warden.analysis.diagnosis import classify
 from celery_warden.analysis.report import build_report
 from celery_warden.exceptions import StoreError, UsageError, WardenError
@@ -108,7 +108,7 @@ def store_diagnosis(path: Path, document: dict[str, Any]) -> int:
         start_ticks=int(document["start_ticks"]),
         at=float(document["at"]),
         task_name=(document.get("request") or {}).get("task"),
-        verdict=classify(document).verdict,
+        verdict=Verdict(document["verdict"]),
         show_values=bool(document.get("show_values")),
         document=document,
     )
@@ -148,7 +148,6 @@ class AutoDiagnoser:
         self.cooldown_seconds = cooldown_seconds
         self.calls = calls
         self.timeout = timeout
-        self.done: list[int] = []  # ids of the diagnoses stored
         self._last: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -198,7 +197,7 @@ class AutoDiagnoser:
             )
             try:
                 document = diagnose(target, task=task.name, calls=self.calls, timeout=self.timeout)
-                self.done.append(store_diagnosis(self.store_path, document))
+                store_diagnosis(self.store_path, document)
                 log.warning(
                     "diagnosis of %s: %s; `celery-warden report` shows it",
                     task.name,

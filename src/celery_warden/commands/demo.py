@@ -20,10 +20,10 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from celery_warden import control
 from celery_warden._procs import find_worker_masters
 from celery_warden.analysis.report import build_report
 from celery_warden.commands._common import Context
+from celery_warden.commands.diagnose import probed_children
 from celery_warden.diagnose import diagnose, store_diagnosis
 from celery_warden.exceptions import NoWorkerFound, WardenError
 from celery_warden.reporters import TextReporter
@@ -124,11 +124,7 @@ class _Diagnosis:
         deadline = time.monotonic() + self.READY_SECONDS
         while True:
             for master in find_worker_masters("leaky@"):
-                for child in psutil.Process(master).children():
-                    try:
-                        control.socket_for(child.pid)
-                    except WardenError:
-                        continue
+                for child in probed_children(master):
                     return child.pid
             if time.monotonic() > deadline:
                 raise NoWorkerFound("the leaky worker's child did not start")

@@ -22,7 +22,7 @@ from celery_warden.diagnose import diagnose, store_diagnosis
 from celery_warden.exceptions import NoWorkerFound, StoreError, UsageError, WardenError
 from celery_warden.reporters.diagnosis import render_diagnosis
 
-__all__ = ["command", "nodename_of"]
+__all__ = ["command", "nodename_of", "probed_children"]
 
 _EPILOG = """\b
 Examples:
@@ -66,19 +66,30 @@ def _pick_child(name: str) -> int:
         raise UsageError(f"{name!r} names several workers: {shown}; pass a PID")
     master = matches[0][0]
     candidates = []
+    for child in probed_children(master):
+        try:
+            candidates.append((child.memory_full_info().uss, child.pid))
+        except psutil.Error:
+            continue
+    return max(candidates)[1] if candidates else master
+
+
+def probed_children(master: int) -> list[psutil.Process]:
+    """The pool children of ``master`` that have a probe to ask."""
     try:
         children = psutil.Process(master).children()
     except psutil.Error:
-        children = []
+        return []
+    probed = []
     for child in children:
         try:
             argv = child.cmdline()
             if is_worker_argv(argv) or is_pool_title(argv):
                 control.socket_for(child.pid)
-                candidates.append((child.memory_full_info().uss, child.pid))
+                probed.append(child)
         except (psutil.Error, WardenError):
             continue
-    return max(candidates)[1] if candidates else master
+    return probed
 
 
 def _stacks_without_probe(pid: int, reason: control.NoProbe) -> int:

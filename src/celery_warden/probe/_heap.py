@@ -54,7 +54,7 @@ from itertools import chain, compress, count, filterfalse, repeat, zip_longest
 from operator import is_, is_not, not_
 from typing import Any
 
-__all__ = ["census", "kept_census", "root_path"]
+__all__ = ["census", "kept_census", "root_path", "type_name"]
 
 Row = tuple[str, int, int]  # (type name, objects, bytes)
 
@@ -323,7 +323,7 @@ def _size(obj: object) -> int:
         return 0
 
 
-def _type_name(kind: type) -> str:
+def type_name(kind: type) -> str:
     """``module.qualname``; builtins without their module. Read through type's own
     descriptors: a metaclass's ``__getattribute__`` never runs."""
     try:
@@ -342,7 +342,7 @@ def _rows(counts: dict[type, float], sizes: dict[type, float], limit: int) -> li
     """Rows by type name (two classes of one name are one row), most bytes first."""
     by_name: dict[str, list[float]] = {}
     for kind, n in counts.items():
-        row = by_name.setdefault(_type_name(kind), [0.0, 0.0])
+        row = by_name.setdefault(type_name(kind), [0.0, 0.0])
         row[0] += n
         row[1] += sizes.get(kind, 0)
     rows = [(name, round(n), round(b)) for name, (n, b) in by_name.items() if round(n)]
@@ -824,7 +824,7 @@ class _RootWalk:
     def _describe(self, root: int | None, reason: str, show_values: bool) -> str:
         if root is None:
             top = max(self.nodes, key=self.depth.__getitem__)
-            head = f"? <{_type_name(type(self.nodes[top]))}>"
+            head = f"? <{type_name(type(self.nodes[top]))}>"
             tail = f" (no root found: {reason})"
         else:
             top = root
@@ -850,7 +850,7 @@ class _RootWalk:
         if id(obj) in self.modules:
             return self.modules[id(obj)]
         if issubclass(kind, type):
-            return _type_name(obj)  # type: ignore[arg-type]
+            return type_name(obj)  # type: ignore[arg-type]
         if kind is types.FrameType:
             where, line = _frame_names(obj)
             return f"frame of {where} ({line})"
@@ -1062,7 +1062,7 @@ def _step(chain_: list[Any], i: int, show: bool, modules: dict[int, str]) -> tup
 
 def _unnamed(b: object) -> str:
     """A reference nothing names: the type it leads to."""
-    return f" -> <{_type_name(type(b))}>"
+    return f" -> <{type_name(type(b))}>"
 
 
 def _frame_step(frame: Any, b: object, c: object) -> tuple[str, int]:

@@ -284,20 +284,11 @@ class Probe:
             self.channel.send(
                 f'["s",{pid},{ticks},{_quote(task_id)},{quoted},{started!r}]\n'.encode()
             )
-            if self.trace is not None:
-                self._trace_before(name)
+            trace = self.trace
+            if trace is not None:
+                trace.before_task(str(name))
         except Exception:
             self.errors += 1
-
-    def _trace_before(self, name: object) -> None:
-        trace = self.trace
-        if trace is not None:
-            trace.before_task(str(name))
-
-    def _trace_after(self, task: Any) -> None:
-        trace = self.trace
-        if trace is not None:
-            trace.after_task(str(getattr(task, "name", "")))
 
     def _quote_name(self, name: object) -> str:
         """A task name as a JSON string, truncated; cached, there are few names."""
@@ -331,8 +322,9 @@ class Probe:
     ) -> None:
         """task_postrun: how it ended, what it cost, and the memory right after."""
         try:
-            if self.trace is not None:
-                self._trace_after(task)
+            trace = self.trace
+            if trace is not None:
+                trace.after_task(str(getattr(task, "name", "")))
             pid, ticks = self._pid, self._ticks
             if os.getpid() != pid:
                 pid, ticks = self._identity()
@@ -424,8 +416,7 @@ class Probe:
         """Start this process's heartbeat thread (threads do not survive a fork, so a
         pool child starts its own)."""
         pid = os.getpid()
-        if self.control and (self._control is None or self._control.path is None):
-            self.start_control()
+        self.start_control()  # at most once per process
         with self._heartbeat_lock:  # two first tasks at once in a threads pool
             if self._beating_in == pid or self.heartbeat_seconds <= 0:
                 return

@@ -15,7 +15,6 @@ that it did).
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -99,7 +98,6 @@ def operations(probe: Probe) -> dict[str, Callable[[dict[str, Any]], dict[str, A
             reply["after"] = _alloc.breakdown()
             if request.get("trim"):
                 reply["trim"] = _alloc.trim()
-            reply["pid_now"] = os.getpid()
             return reply
         finally:
             busy.release()

@@ -92,7 +92,6 @@ class Trace:
         self.done = threading.Event()
         self.error: str | None = None
         self.windows = 0  # calls traced and closed
-        self.started = time.time()
         self._lock = threading.Lock()
         self._open = False
         self._in_call = False
@@ -301,8 +300,8 @@ class Trace:
                     "bytes": 0,
                     "count": 0,
                     "calls": 0,
-                    "stack": [f"{f}:{n}" for f, n in frames],
-                    "_largest": 0,
+                    "stack": [],
+                    "_largest": -1,
                 }
             site["bytes"] += size
             site["count"] += count
@@ -332,7 +331,7 @@ class Trace:
         for obj in samples:
             path = _heap.root_path(obj, show_values=show_values, ignore=(samples,))
             if path is not None:
-                roots.append({"type": _type_name(obj), "path": path})
+                roots.append({"type": _heap.type_name(type(obj)), "path": path})
         del samples
         return {
             "task": self.task,
@@ -350,12 +349,6 @@ class Trace:
             "roots": roots,
             "error": self.error,
         }
-
-
-def _type_name(obj: object) -> str:
-    kind = type(obj)
-    module = getattr(kind, "__module__", "builtins")
-    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
 
 
 def _traces() -> list[tuple[Any, ...]]:
