@@ -29,6 +29,8 @@ __all__ = [
     "EndReason",
     "GrowthFinding",
     "Heartbeat",
+    "Incident",
+    "IncidentKind",
     "MemoryFinding",
     "MemoryPoint",
     "ProcessEnd",
@@ -36,8 +38,10 @@ __all__ = [
     "ProcessInfo",
     "Role",
     "RunningTask",
+    "Outcome",
     "Sample",
     "SessionInfo",
+    "SignalAudit",
     "Snapshot",
     "StrEnum",
     "TaskFinished",
@@ -157,6 +161,10 @@ class WorkerInfo:
     concurrency: int
     max_tasks_per_child: int | None
     max_memory_per_child_kb: int | None
+    # The app's settings the guard's self-check reads, and per task name what decides
+    # whether a hard kill loses the task (``celery_warden.guard.selfcheck``); None from
+    # a probe that does not send them. Live only: not stored.
+    settings: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,3 +331,78 @@ class Snapshot:
     processes: tuple[ProcessHistory, ...]
     running_tasks: tuple[TaskStarted, ...]  # started, never finished
     diagnoses: tuple[DiagnosisRecord, ...] = ()  # newest last
+    incidents: tuple[Incident, ...] = ()  # by decision time
+    signals: tuple[SignalAudit, ...] = ()  # by time
+
+
+class IncidentKind(StrEnum):
+    """What the guard acted on (or, in a dry run, would have)."""
+
+    MEMORY_SOFT = "memory-soft"  # a child over the soft threshold: leaves after its task
+    MEMORY_HARD = "memory-hard"  # a child over the hard threshold: TERM, then KILL
+    MASTER_MEMORY = "master-memory"  # a master over its budget
+    HANG = "hang"  # a task far past its usual time, or a child whose heartbeats stopped
+    MASTER_STUCK = "master-stuck"  # a master that stopped consuming while its queue has work
+    ORPHAN = "orphan"  # a process of a worker's lineage whose master died
+    POISON = "poison"  # a task id killed too often: reported, no longer killed
+    FOREIGN = "foreign"  # a pool child that exec'd something else
+    CONFIG = "config"  # a startup self-check warning
+
+
+class Outcome(StrEnum):
+    """How an incident ended (or where it stands)."""
+
+    DRY_RUN = "dry-run"  # decided, not acted on (`watch` without --act)
+    PENDING = "pending"  # acting: soft recycle requested, or TERM sent and KILL due
+    RECYCLED = "recycled"  # the child left after its task (soft)
+    TERMINATED = "terminated"  # ended on TERM, no KILL needed
+    KILLED = "killed"  # needed KILL
+    TARGET_GONE = "target-gone"  # it ended (or its PID was reused) before any signal
+    CELERY_HANDLED = "celery-time-limit-handled"  # Celery's own time limit acted first
+    REPORTED = "reported"  # nothing to do but say so
+    REFUSED = "refused"  # a rule forbade acting (rate limit, last serving child, poison)
+    FAILED = "failed"  # the action failed (see the reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    """One decision of the guard, with everything behind it.
+
+    ``id`` is stable across updates (the store keeps the last version): an incident is
+    written when decided (before any signal, with the stack when one was captured) and
+    again when its outcome is known. ``deadline`` (epoch seconds) is when a pending hard
+    recycle sends KILL: a warden restarted mid-escalation resumes from it.
+    """
+
+    id: str
+    kind: IncidentKind
+    pid: int
+    start_ticks: int
+    master_pid: int | None
+    t: float  # when decided, epoch seconds
+    reason: str  # one sentence a person can read
+    numbers: dict[str, float | int | str | None]  # the measurements behind it
+    outcome: Outcome
+    dry_run: bool = False
+    task_name: str | None = None
+    task_id: str | None = None
+    stack: str | None = None  # the stack captured before acting, or why none was
+    ended_at: float | None = None  # when the outcome was known
+    deadline: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SignalAudit:
+    """One signal the warden sent, or refused, or would have sent (dry run).
+
+    Every signal goes through ``celery_warden.guard.signals.Signaller.send``, which
+    writes one of these before returning.
+    """
+
+    t: float
+    pid: int
+    start_ticks: int
+    signal: str  # "SIGTERM"
+    result: str  # "sent", "gone", "dry-run", or "refused: <why>"
+    incident_id: str | None = None
+    detail: str = ""

@@ -8,7 +8,8 @@
     │   ├── CommandNotFound        `run -- X` where X cannot be executed
     │   ├── ProcessNotFound        `--pid N` and there is no process N
     │   ├── NotAWorker             `--pid N` and N is not a Celery worker
-    │   └── NoWorkerFound          `watch` found no worker to attach to
+    │   ├── NoWorkerFound          `watch` found no worker to attach to
+    │   └── ConfigError            the guard's config (file or flags) is malformed
     └── StoreError                 the store cannot be used; nothing in it was changed
         ├── StoreNotADatabase      the file is not an SQLite database
         ├── StoreTooNew            written by a newer celery-warden
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 __all__ = [
     "CommandNotFound",
+    "ConfigError",
     "NoCommand",
     "NoWorkerFound",
     "NotAWorker",
@@ -66,6 +68,11 @@ class NotAWorker(UsageError):
 
 class NoWorkerFound(UsageError):
     """No running Celery worker matched."""
+
+
+class ConfigError(UsageError):
+    """The guard's configuration is malformed: the message names the key, the bad value
+    and the expected form; nothing was started."""
 
 
 class StoreError(WardenError):

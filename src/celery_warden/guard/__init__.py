@@ -1,0 +1,1 @@
+"""The guard: recycle fat children, unhang stuck ones and reap orphans, safely."""
