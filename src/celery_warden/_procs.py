@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import psutil
@@ -28,6 +30,7 @@ from celery_warden.exceptions import NotAWorker, ProcessNotFound
 __all__ = [
     "CLK_TCK",
     "PAGE_SIZE",
+    "IdentityMismatch",
     "ProcessHandle",
     "Smaps",
     "Stat",
@@ -35,9 +38,12 @@ __all__ = [
     "count_open_fds",
     "describe_worker_pid",
     "find_worker_masters",
+    "has_exited",
     "last_pid",
     "list_pids",
     "open_handle",
+    "open_verified",
+    "owner_uid",
     "read_cmdline",
     "read_peak_rss",
     "read_smaps",
@@ -54,6 +60,10 @@ _PROC = "/proc"
 
 class Vanished(Exception):
     """The process is gone."""
+
+
+class IdentityMismatch(Exception):
+    """The PID now names another process than the one the warden saw (reused)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,3 +324,62 @@ def send_signal(handle: ProcessHandle, signum: int) -> bool:
             return False
         raise
     return True
+
+
+# A test hook: called with the PID between a scan's reads and the pidfd_open, so a test
+# can reuse the PID in exactly that gap (RELIABILITY.md, A2). None in production.
+before_open: Callable[[int], None] | None = None
+
+
+def open_verified(pid: int, start_ticks: int, argv: list[str]) -> ProcessHandle:
+    """Open a pidfd on the process a scan saw as ``(pid, start_ticks, argv)``.
+
+    The start time and the command line are read again *after* the open: if either
+    changed, the PID was reused between the scan and the open (or the process exec'd),
+    and :class:`IdentityMismatch` is raised with the descriptor closed. From then on the
+    pidfd names that one process whatever happens to the PID.
+    """
+    if before_open is not None:
+        before_open(pid)
+    if pid <= 2 or pid == os.getpid():
+        raise ValueError(f"refusing to open a handle on PID {pid}")
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise Vanished(pid) from None
+    try:
+        stat = read_stat(pid)
+        if stat.start_ticks != start_ticks:
+            raise IdentityMismatch(
+                f"PID {pid} started at tick {stat.start_ticks}, not {start_ticks}"
+            )
+        now = read_cmdline(pid) if stat.state != "Z" else argv
+        if now != argv:
+            raise IdentityMismatch(f"PID {pid} runs {' '.join(now)[:80]!r} now")
+    except BaseException:
+        os.close(fd)
+        raise
+    return ProcessHandle(pid=pid, start_ticks=start_ticks, fd=fd)
+
+
+def has_exited(handle: ProcessHandle, timeout_seconds: float = 0.0) -> bool:
+    """Whether the process behind ``handle`` has exited (a pidfd turns readable when
+    it does, zombie or reaped), waiting up to ``timeout_seconds``."""
+    poller = select.poll()
+    poller.register(handle.fd, select.POLLIN)
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        remaining = max(0.0, deadline - time.monotonic())
+        try:
+            return bool(poller.poll(remaining * 1000))
+        except InterruptedError:  # pragma: no cover - PEP 475 retries, but be sure
+            if time.monotonic() >= deadline:
+                return False
+
+
+def owner_uid(pid: int) -> int:
+    """The real user owning ``pid`` (the owner of ``/proc/PID``)."""
+    try:
+        return os.stat(f"{_PROC}/{pid}").st_uid
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise Vanished(pid) from exc

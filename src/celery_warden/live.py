@@ -4,6 +4,10 @@ Task start and end messages keep it current between heartbeats; each heartbeat r
 a process's running set outright, so a message the probe dropped, or a warden that came
 late, is mended within one beat. The guard reads it to know which task a child is
 running, since when, and whether its thread still burns CPU.
+
+It also keeps what each worker's master said of itself at startup (``WorkerInfo``, with
+the app's settings the guard's self-check reads), until that master ends: the settings
+are live only, never stored.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from celery_warden._records import (
     RunningTask,
     TaskFinished,
     TaskStarted,
+    WorkerInfo,
 )
 
 __all__ = ["Activity", "LiveView"]
@@ -56,6 +61,7 @@ class LiveView:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._states: dict[tuple[int, int], _State] = {}
+        self._workers: dict[int, WorkerInfo] = {}  # by master pid, the latest
 
     def update(self, message: object, now: float | None = None) -> None:
         """Apply one probe message (or a sampler's ProcessEnd); others are ignored."""
@@ -63,6 +69,16 @@ class LiveView:
         with self._lock:
             if isinstance(message, ProcessEnd):
                 self._states.pop((message.pid, message.start_ticks), None)
+                worker = self._workers.get(message.pid)
+                if worker is not None and worker.start_ticks == message.start_ticks:
+                    del self._workers[message.pid]
+                return
+            if isinstance(message, WorkerInfo):
+                # A master restarted under the same pid replaces the one before it.
+                self._workers.pop(message.pid, None)
+                if len(self._workers) >= _MAX_PROCESSES:
+                    del self._workers[next(iter(self._workers))]  # the longest known
+                self._workers[message.pid] = message
                 return
             if not isinstance(message, TaskStarted | TaskFinished | Heartbeat | ProcessInfo):
                 return
@@ -87,6 +103,11 @@ class LiveView:
         for key, state in list(self._states.items()):
             if now - state.heard_at > _SILENT_SECONDS:
                 del self._states[key]
+
+    def workers(self) -> list[WorkerInfo]:
+        """The latest word of every worker's master not known to have ended, by pid."""
+        with self._lock:
+            return [self._workers[pid] for pid in sorted(self._workers)]
 
     def activity(self) -> list[Activity]:
         """Every process heard from and not known to have ended, by pid."""

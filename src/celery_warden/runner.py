@@ -17,13 +17,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from celery_warden import _procs
-from celery_warden._records import EndReason, ProcessEnd
+from celery_warden._records import EndReason, ProcessEnd, Role
 from celery_warden.exceptions import CommandNotFound, NoCommand, NoWorkerFound
+from celery_warden.guard.signals import Target
 from celery_warden.session import Session
 from celery_warden.store import Record
+
+if TYPE_CHECKING:
+    from celery_warden.guard import Guard
 
 __all__ = ["FORWARDED_SIGNALS", "forward_to_masters", "run_workers", "watch_workers"]
 
@@ -58,24 +62,32 @@ def _handling(signals: Sequence[int], handler: Callable[[int], None]) -> Iterato
 def forward_to_masters(
     session: Session, signum: int, fallback: Sequence[subprocess.Popen[bytes]]
 ) -> None:
-    """Send ``signum`` to every watched worker master, through a verified pidfd."""
+    """Send ``signum`` to every watched worker master, through the pidfd verified when
+    it was discovered, by the session's audited signaller."""
     masters = session.masters()
     for info in masters:
+        handle = session.handle(info.pid, info.start_ticks)
+        target = Target(handle, Role.MASTER) if handle is not None else None
         try:
-            handle = _procs.open_handle(info.pid, info.start_ticks)
-        except (_procs.Vanished, ValueError):
-            continue
-        try:
-            _procs.send_signal(handle, signum)
-            log.info("forwarded %s to worker master %d", signal.Signals(signum).name, info.pid)
+            session.signaller.send(target, signum, detail="forwarded to the worker master")
         finally:
-            handle.close()
+            if target is not None:
+                target.close()
     if not masters:
         # No worker master seen yet (it is still starting): the commands we started are
         # our own children, unreaped, so their PIDs cannot have been reused.
         for proc in fallback:
-            if proc.poll() is None:
-                proc.send_signal(signum)
+            if proc.poll() is not None:
+                continue
+            try:
+                handle = _procs.open_handle(proc.pid, _procs.read_stat(proc.pid).start_ticks)
+            except (_procs.Vanished, ValueError):
+                continue
+            target = Target(handle, Role.MASTER)
+            try:
+                session.signaller.send(target, signum, detail="forwarded to the started command")
+            finally:
+                target.close()
 
 
 def _exit_code(returncode: int) -> int:
@@ -96,15 +108,19 @@ def run_workers(
     *,
     stdout: IO[bytes] | None = None,
     stderr: IO[bytes] | None = None,
+    guard: Guard | None = None,
 ) -> int:
     """Start each command as a child of the warden, watch until all exit.
 
     Returns the exit code of the (first) command, shell style: 128 + N when killed by
-    signal N.
+    signal N. With a ``guard``, what outlived the worker of its lineage (orphans) is
+    dealt with before returning.
     """
     check_commands(commands)
     procs: list[subprocess.Popen[bytes]] = []
     session.start()
+    if guard is not None:
+        guard.start()
     env = session.probe_environment()
     try:
         for argv in commands:
@@ -125,6 +141,8 @@ def run_workers(
         ):
             while any(p.poll() is None for p in procs):
                 time.sleep(0.1)
+            if guard is not None:
+                _settle(session, guard)
     except BaseException:
         for proc in procs:
             if proc.poll() is None:
@@ -136,8 +154,12 @@ def run_workers(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if guard is not None:
+            guard.stop(timeout=0)
         session.stop(exit_code=1)
         raise
+    if guard is not None:
+        guard.stop()
     final: list[Record] = []
     for proc in procs:
         # Popen's returncode already is the store's convention: the code, or -signum.
@@ -146,6 +168,18 @@ def run_workers(
     code = _exit_code(procs[0].returncode)
     session.stop(exit_code=code, final=final)
     return code
+
+
+def _settle(session: Session, guard: Guard) -> None:
+    """The worker has exited: give its orphans (what tasks spawned, pool children
+    without PDEATHSIG) their grace and let the guard reap them before the session ends."""
+    cfg = guard.config
+    deadline = time.monotonic() + cfg.orphans.grace_seconds + cfg.recycle.grace_seconds + 10
+    time.sleep(2 * session.config.interval_seconds)  # a sweep sees the master's end
+    while time.monotonic() < deadline and session.tracked():
+        if cfg.orphans.action != "kill" and not guard.orphans_pending():
+            break
+        time.sleep(0.2)
 
 
 def resolve_masters(pids: Sequence[int], pattern: str | None) -> list[int]:
@@ -170,6 +204,7 @@ def watch_workers(
     *,
     follow: bool,
     duration_seconds: float | None = None,
+    guard: Guard | None = None,
 ) -> int:
     """Sample the worker ``masters`` until stopped (SIGINT/SIGTERM), or for a duration.
 
@@ -181,6 +216,8 @@ def watch_workers(
     for pid in masters:
         session.add_anchor(pid)
     session.start()
+    if guard is not None:
+        guard.start()
     deadline = None if duration_seconds is None else time.monotonic() + duration_seconds
     next_lookup = time.monotonic() + session.config.rescan_seconds
     with _handling((signal.SIGINT, signal.SIGTERM), lambda _s: stop.set()):
@@ -196,5 +233,7 @@ def watch_workers(
                     if pid not in masters:
                         masters.append(pid)
                         session.add_anchor(pid)
+    if guard is not None:
+        guard.stop()
     session.stop(exit_code=0)
     return 0

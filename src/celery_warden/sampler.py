@@ -12,6 +12,7 @@ Processes come and go at any moment; a vanished process is an outcome recorded a
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -25,6 +26,8 @@ from celery_warden._records import EndReason, ProcessEnd, ProcessInfo, Role, Sam
 from celery_warden.store import Record
 
 __all__ = ["Sampler"]
+
+log = logging.getLogger("celery_warden")
 
 _STATES = {
     "R": "running",
@@ -54,6 +57,8 @@ class _Tracked:
     comm: str = ""
     confirmed: bool = False  # command line re-read once after adoption
     exit_status: int | None = None
+    # A pidfd opened and verified at discovery: the only way the guard may signal it.
+    handle: _procs.ProcessHandle | None = None
 
 
 class Sampler:
@@ -83,6 +88,7 @@ class Sampler:
         self._last_pid = -1
         self._last_scan = -math.inf
         self._force_scan = True
+        self._retry: set[int] = set()  # PIDs whose identity changed mid-adoption
 
     # -- what is watched -------------------------------------------------------------
 
@@ -101,6 +107,15 @@ class Sampler:
     def masters(self) -> list[ProcessInfo]:
         """The worker masters being sampled now."""
         return [t.info for t in self._tracked.values() if t.info.role is Role.MASTER]
+
+    def handle(self, pid: int, start_ticks: int) -> _procs.ProcessHandle | None:
+        """A duplicate of the pidfd opened when ``(pid, start_ticks)`` was discovered,
+        for the caller to close; None if that process is not tracked (never seen, ended,
+        or its PID now names another process)."""
+        tracked = self._tracked.get(pid)
+        if tracked is None or tracked.handle is None or tracked.info.start_ticks != start_ticks:
+            return None
+        return _procs.ProcessHandle(pid, start_ticks, os.dup(tracked.handle.fd))
 
     # -- one sweep -------------------------------------------------------------------
 
@@ -150,7 +165,8 @@ class Sampler:
                 fresh[pid] = _procs.read_stat(pid)
             except (_procs.Vanished, PermissionError):
                 continue
-        self._seen_pids = set(pids)
+        self._seen_pids = set(pids) - self._retry
+        self._retry.clear()
         # Parents before children, by start time (PIDs wrap, start ticks do not).
         for stat in sorted(fresh.values(), key=lambda s: (s.start_ticks, s.pid)):
             if stat.pid in self._tracked:
@@ -187,6 +203,7 @@ class Sampler:
             argv = _procs.read_cmdline(stat.pid)
         except (_procs.Vanished, PermissionError):
             return
+        parent_argv = None
         if parent is None:
             if not is_worker_argv(argv) or is_pool_title(argv):
                 # A wrapper (sh -c, a process manager): look for the worker below it,
@@ -198,11 +215,24 @@ class Sampler:
             # Read in the instant after fork, before the kernel fills the command line
             # in: a pool child until the re-read of the next sweep says otherwise.
             role, master_pid, argv = Role.CHILD, parent.info.pid, parent.argv
+            parent_argv = argv
         elif parent.info.role is Role.MASTER and (argv == parent.argv or is_pool_title(argv)):
             # A pool child is forked without exec: same command line as its master.
             role, master_pid = Role.CHILD, parent.info.pid
         else:
             role, master_pid = Role.DESCENDANT, parent.info.master_pid
+        try:
+            # Compared with what was just read with nothing but the PID; `argv` may be
+            # the master's (read in the instant after fork): then the start time alone.
+            seen = _procs.read_cmdline(stat.pid) if argv is parent_argv else argv
+            handle = _procs.open_verified(stat.pid, stat.start_ticks, seen)
+        except (_procs.Vanished, ValueError):
+            return
+        except _procs.IdentityMismatch as exc:
+            log.warning("identity_mismatch: %s; not adopted", exc)
+            self._retry.add(stat.pid)
+            self._force_scan = True
+            return
         info = ProcessInfo(
             pid=stat.pid,
             start_ticks=stat.start_ticks,
@@ -212,7 +242,7 @@ class Sampler:
             cmdline=" ".join(argv)[:1000],
             master_pid=master_pid,
         )
-        self._tracked[stat.pid] = _Tracked(info=info, argv=argv, comm=stat.comm)
+        self._tracked[stat.pid] = _Tracked(info=info, argv=argv, comm=stat.comm, handle=handle)
         records.append(info)
 
     def _reclassify(self, tracked: _Tracked, stat: _procs.Stat, records: list[Record]) -> None:
@@ -269,6 +299,8 @@ class Sampler:
 
     def _end(self, tracked: _Tracked, now: float, records: list[Record]) -> None:
         del self._tracked[tracked.info.pid]
+        if tracked.handle is not None:
+            tracked.handle.close()
         reason, code = EndReason.GONE, None
         if tracked.exit_status is not None:
             reason, code = _describe_exit_status(tracked.exit_status)
@@ -360,6 +392,8 @@ class Sampler:
                 alive = False
             end_reason = reason if alive else EndReason.GONE
             del self._tracked[tracked.info.pid]
+            if tracked.handle is not None:
+                tracked.handle.close()
             records.append(
                 ProcessEnd(tracked.info.pid, tracked.info.start_ticks, now, end_reason, None)
             )

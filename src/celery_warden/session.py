@@ -26,14 +26,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import celery_warden
+from celery_warden import _procs
 from celery_warden._config import Retention, SamplerConfig
 from celery_warden._records import (
     Heartbeat,
     ProcessEnd,
     ProcessInfo,
+    Sample,
     TaskFinished,
     TaskStarted,
 )
+from celery_warden.guard.signals import Signaller
 from celery_warden.listener import ProbeListener
 from celery_warden.live import Activity, LiveView
 from celery_warden.probe import SITE_DIR, wire
@@ -93,8 +96,13 @@ class Session:
         self.store_errors = 0
         self.tasks_finished = 0
         self.sweeps = 0
-        self._on_task = on_task
+        self._on_task = [on_task] if on_task is not None else []
+        self._on_sweep: list[Callable[[], None]] = []
+        self._latest: dict[int, Sample] = {}  # pid -> its latest sample (the guard reads it)
         self.live = LiveView()
+        # Signals the session sends itself (a Ctrl-C forwarded to the masters), audited
+        # into the store like the guard's.
+        self.signaller = Signaller(dry_run=False, audit=lambda audit: self._queue.put([audit]))
         self._lock = threading.Lock()  # guards the sampler between its thread and callers
         self._queue: queue.SimpleQueue[list[Record] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -161,6 +169,25 @@ class Session:
         with self._lock:
             return self.sampler.tracked
 
+    def handle(self, pid: int, start_ticks: int) -> _procs.ProcessHandle | None:
+        """A duplicate of the pidfd opened when this process was discovered (the caller
+        closes it); None if it is not a process of the watched trees."""
+        with self._lock:
+            return self.sampler.handle(pid, start_ticks)
+
+    def latest_samples(self) -> dict[int, Sample]:
+        """The latest sample of every tracked process, by pid."""
+        with self._lock:
+            return dict(self._latest)
+
+    def on_sweep(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after every sweep, on the sampler's thread: keep it short."""
+        self._on_sweep.append(callback)
+
+    def on_task(self, callback: Callable[[TaskFinished], None]) -> None:
+        """Call ``callback`` with every finished call, on the listener's thread."""
+        self._on_task.append(callback)
+
     def activity(self) -> list[Activity]:
         """What each probed process is running now (the probe's heartbeats keep it)."""
         return self.live.activity()
@@ -172,8 +199,8 @@ class Session:
         self._queue.put([message])
         if isinstance(message, TaskFinished):
             self.tasks_finished += 1
-            if self._on_task is not None:
-                self._on_task(message)
+            for callback in self._on_task:
+                callback(message)
 
     # -- the two loops ---------------------------------------------------------------
 
@@ -194,6 +221,11 @@ class Session:
             with self._lock:
                 records = self.sampler.sweep()
                 self.sweeps += 1
+                for record in records:
+                    if isinstance(record, Sample):
+                        self._latest[record.pid] = record
+                    elif isinstance(record, ProcessEnd):
+                        self._latest.pop(record.pid, None)
         except Exception:  # a sampler bug must not end supervision
             log.exception("sampler sweep failed")
             return
@@ -202,6 +234,8 @@ class Session:
                 if isinstance(record, ProcessEnd):
                     self.live.update(record)
             self._queue.put(records)
+        for callback in self._on_sweep:
+            callback()
 
     def _write_loop(self) -> None:
         # Retention runs at the start, every few minutes, and at the end, so short

@@ -18,7 +18,7 @@ from tests.integration._workers import query, warden_command, worker_command, wo
 
 pytestmark = pytest.mark.integration
 
-SCHEMA = Path(__file__).parents[2] / "src/celery_warden/schemas/report-v3.schema.json"
+SCHEMA = Path(__file__).parents[2] / "src/celery_warden/schemas/report-v4.schema.json"
 
 
 def _live_children(store: Path) -> list[tuple[object, ...]]:

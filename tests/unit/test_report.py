@@ -12,11 +12,15 @@ import jsonschema
 from celery_warden._records import (
     DiagnosisRecord,
     EndReason,
+    Incident,
+    IncidentKind,
+    Outcome,
     ProcessHistory,
     ProcessInfo,
     Role,
     Sample,
     SessionInfo,
+    SignalAudit,
     Snapshot,
     TaskFinished,
     TaskState,
@@ -25,8 +29,9 @@ from celery_warden._records import (
 )
 from celery_warden.analysis.report import build_report
 from celery_warden.reporters import JsonReporter, TextReporter
+from celery_warden.reporters.json import SCHEMA_VERSION
 
-SCHEMA = Path(__file__).parents[2] / "src/celery_warden/schemas/report-v3.schema.json"
+SCHEMA = Path(__file__).parents[2] / "src/celery_warden/schemas/report-v4.schema.json"
 T0 = 1_800_000_000.0
 MB = 1024 * 1024
 SESSION = SessionInfo(1, "run", "celery -A proj worker", "host", T0, T0 + 700, 0, 1.0, 0)
@@ -215,3 +220,85 @@ def test_a_stable_diagnosis_leaves_the_trend_verdict() -> None:
     report = build_report(_diagnosed(_snapshot(), Verdict.STABLE, 11, 101))
     leaky = next(p for p in report.processes if p.pid == 11)
     assert leaky.verdict is Verdict.LEAK
+
+
+def _guarded(snapshot: Snapshot) -> Snapshot:
+    """The leaky child killed over its hard limit, and a hang seen in a dry run."""
+    stack = "\n".join(f'  File "/app/proj.py", line {n}, in frame_{n}' for n in range(1, 21))
+    killed = Incident(
+        id="inc-kill",
+        kind=IncidentKind.MEMORY_HARD,
+        pid=11,
+        start_ticks=101,
+        master_pid=10,
+        t=T0 + 500,
+        reason="USS 1.2 GiB over the hard limit [1 GiB]",
+        numbers={"uss_bytes": 1_288_490_188, "limit_bytes": 1 << 30, "over": 1.2, "why": None},
+        outcome=Outcome.KILLED,
+        task_name="proj.leaky",
+        task_id="id-11-500",
+        stack=stack,
+        ended_at=T0 + 511,
+    )
+    hang = Incident(
+        id="inc-hang",
+        kind=IncidentKind.HANG,
+        pid=12,
+        start_ticks=102,
+        master_pid=10,
+        t=T0 + 600,
+        reason="proj.clean ran 300 s, its p99 is 0.1 s",
+        numbers={"running_seconds": 300.0},
+        outcome=Outcome.DRY_RUN,
+        dry_run=True,
+    )
+    signals = (
+        SignalAudit(T0 + 501, 11, 101, "SIGTERM", "sent", "inc-kill", "hard limit"),
+        SignalAudit(T0 + 511, 11, 101, "SIGKILL", "sent", "inc-kill"),
+        SignalAudit(T0 + 600, 12, 102, "SIGTERM", "dry-run", "inc-hang"),
+    )
+    return dataclasses.replace(snapshot, incidents=(killed, hang), signals=signals)
+
+
+def test_the_guards_incidents_and_signals_are_in_the_json_document() -> None:
+    """Schema v4: incidents[] with their numbers and outcome, signals[] in order."""
+    out = io.StringIO()
+    JsonReporter.from_report(build_report(_guarded(_snapshot()))).render(out)
+    document = json.loads(out.getvalue())
+    jsonschema.validate(document, json.loads(SCHEMA.read_text()))
+    assert document["schema_version"] == SCHEMA_VERSION == 4
+    killed, hang = document["incidents"]
+    assert (killed["kind"], killed["outcome"]) == ("memory-hard", "killed")
+    assert killed["dry_run"] is False
+    assert killed["numbers"]["limit_bytes"] == 1 << 30
+    assert killed["stack"].endswith("frame_20")
+    assert (hang["outcome"], hang["dry_run"], hang["task_name"]) == ("dry-run", True, None)
+    assert [(a["signal"], a["result"]) for a in document["signals"]] == [
+        ("SIGTERM", "sent"),
+        ("SIGKILL", "sent"),
+        ("SIGTERM", "dry-run"),
+    ]
+
+
+def test_the_text_report_lists_incidents_with_the_tail_of_their_stack() -> None:
+    """One line per incident (kind, PID, task, outcome, dry-run marker, reason) after
+    the diagnoses and before the tables, then the innermost frames of its stack."""
+    out = io.StringIO()
+    TextReporter.from_report(build_report(_guarded(_snapshot()))).render(out, width=140)
+    text = out.getvalue()
+    assert text.index("Incidents") < text.index("Workers")
+    killed = next(line for line in text.splitlines() if "memory-hard" in line)
+    for part in ("pid 11", "proj.leaky", "killed", "the hard limit [1 GiB]"):
+        assert part in killed
+    hang = next(line for line in text.splitlines() if "hang" in line)
+    assert "dry-run" in hang
+    assert "(dry run)" not in hang  # said once: the outcome is the marker
+    assert "line 20," in text
+    assert "line 9," in text
+    assert "line 8," not in text  # the last 12 frames only
+
+
+def test_the_text_report_has_no_incidents_section_without_incidents() -> None:
+    out = io.StringIO()
+    TextReporter.from_report(build_report(_snapshot())).render(out, width=140)
+    assert "Incidents" not in out.getvalue()

@@ -23,11 +23,13 @@ from celery_warden._records import (
     DiagnosisRecord,
     EndReason,
     GrowthFinding,
+    Incident,
     MemoryFinding,
     MemoryPoint,
     ProcessHistory,
     Role,
     SessionInfo,
+    SignalAudit,
     Snapshot,
     TaskFinished,
     Verdict,
@@ -167,6 +169,8 @@ class Report:
     tasks: tuple[TaskReport, ...]  # leaking names first, by bytes per call; then by calls
     tasks_running: int
     diagnoses: tuple[DiagnosisRecord, ...] = ()  # every diagnosis of the session, oldest first
+    incidents: tuple[Incident, ...] = ()  # what the guard decided, by decision time
+    signals: tuple[SignalAudit, ...] = ()  # every signal sent, refused or dry-run, by time
 
 
 def build_report(snapshot: Snapshot, thresholds: AnalysisThresholds = DEFAULT_THRESHOLDS) -> Report:
@@ -187,6 +191,8 @@ def build_report(snapshot: Snapshot, thresholds: AnalysisThresholds = DEFAULT_TH
         tasks=tuple(_tasks(snapshot, thresholds)),
         tasks_running=len(snapshot.running_tasks),
         diagnoses=snapshot.diagnoses,
+        incidents=snapshot.incidents,
+        signals=snapshot.signals,
     )
 
 

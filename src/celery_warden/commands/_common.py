@@ -61,3 +61,42 @@ def seconds_option(
         callback=_finite,
         help=help,
     )
+
+
+# The guard's most used keys as flags (every key is in the config file, docs/configuration.md).
+_GUARD_FLAGS = (
+    ("--child-soft-mib", "memory.child_soft_mib", "A child over this USS leaves after its task."),
+    ("--child-hard-mib", "memory.child_hard_mib", "A child over this USS gets TERM, then KILL."),
+    ("--master-budget-mib", "memory.master_budget_mib", "Report a master over this USS."),
+    ("--recycle-grace-seconds", "recycle.grace_seconds", "Seconds between TERM and KILL."),
+    ("--hang-min-seconds", "hang.min_seconds", "A task running this long at least is hung."),
+    ("--orphan-grace-seconds", "orphans.grace_seconds", "Seconds before orphans are reaped."),
+)
+
+
+def guard_options(func: F) -> F:
+    """``--config``, ``--print-config`` and the guard's common keys as flags."""
+    for flag, key, text in reversed(_GUARD_FLAGS):
+        func = click.option(flag, key.replace(".", "__"), type=float, default=None, help=text)(func)
+    func = click.option(
+        "--print-config",
+        is_flag=True,
+        help="Print the effective guard configuration as TOML and exit.",
+    )(func)
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="The guard's TOML config [env CELERY_WARDEN_CONFIG] (docs/configuration.md).",
+    )(func)
+
+
+def guard_overrides(params: dict[str, Any]) -> dict[str, object]:
+    """The dotted config keys the flags in ``params`` set (None: not given)."""
+    overrides: dict[str, object] = {}
+    for _flag, key, _text in _GUARD_FLAGS:
+        value = params.pop(key.replace(".", "__"), None)
+        if value is not None:
+            overrides[key] = value
+    return overrides

@@ -18,10 +18,17 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from celery_warden.commands._common import Context, seconds_option, store_option
+from celery_warden.commands._common import (
+    Context,
+    guard_options,
+    guard_overrides,
+    seconds_option,
+    store_option,
+)
 from celery_warden.exceptions import WardenError
 
 __all__ = ["warden"]
@@ -86,7 +93,10 @@ def warden(ctx: click.Context) -> None:
     ctx.obj = Context(verbose=0)
 
 
-@warden.command("run", context_settings={"ignore_unknown_options": True})
+# Options after the celery sub-command (`worker --config x`) are the worker's.
+@warden.command(
+    "run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
+)
 @seconds_option(
     "--interval",
     "interval_seconds",
@@ -95,15 +105,24 @@ def warden(ctx: click.Context) -> None:
     help="Seconds between sweeps of the worker tree.",
 )
 @click.option("--no-probe", is_flag=True, help="Do not attach the in-worker probe.")
+@click.option(
+    "--dry-run", is_flag=True, help="Let the guard decide and record, but send no signal."
+)
+@guard_options
 @store_option
-@click.argument("celery_args", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run(
     ctx: click.Context,
+    /,
     interval_seconds: float,
     no_probe: bool,
+    dry_run: bool,
+    config_path: Path | None,
+    print_config: bool,
     store_path: Path | None,
     celery_args: tuple[str, ...],
+    **flags: Any,
 ) -> None:
     """Start a worker (CELERY_ARGS: `worker ...`) under the warden.
 
@@ -112,9 +131,16 @@ def run(
       celery -A proj warden run worker -l info -c 4
     """
     from celery_warden.commands.run import run_under_warden
+    from celery_warden.guard import dump_config, guard_config
 
+    config = guard_config(config_path, guard_overrides(flags), act=not dry_run)
+    if print_config:
+        click.echo(dump_config(config), nl=False)
+        ctx.exit(0)
+    if not celery_args:
+        raise click.UsageError("give the celery sub-command to run, e.g. `warden run worker`")
     command = [sys.executable, "-m", "celery", *_celery_globals(ctx), *celery_args]
-    ctx.exit(run_under_warden(command, interval_seconds, no_probe, store_path))
+    ctx.exit(run_under_warden(command, interval_seconds, no_probe, store_path, guard=config))
 
 
 def _exiting_with_its_code(command: click.Command) -> click.Command:

@@ -7,12 +7,20 @@ import os
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 
 from celery_warden._config import SamplerConfig
-from celery_warden.commands._common import resolve_store, seconds_option, store_option
+from celery_warden.commands._common import (
+    guard_options,
+    guard_overrides,
+    resolve_store,
+    seconds_option,
+    store_option,
+)
 from celery_warden.diagnose import AutoDiagnoser
+from celery_warden.guard import Guard, GuardConfig, attach_guard, dump_config, guard_config
 from celery_warden.runner import check_commands, run_workers
 from celery_warden.session import Session
 from celery_warden.store import Store
@@ -41,14 +49,22 @@ interval_option = seconds_option(
     is_flag=True,
     help="Do not trace a task name automatically when attribution finds it leaks.",
 )
+@click.option(
+    "--dry-run", is_flag=True, help="Let the guard decide and record, but send no signal."
+)
+@guard_options
 @store_option
 @click.argument("worker_command", nargs=-1, type=click.UNPROCESSED)
 def command(
     interval_seconds: float,
     no_probe: bool,
     no_auto_diagnose: bool,
+    dry_run: bool,
+    config_path: Path | None,
+    print_config: bool,
     store_path: Path | None,
     worker_command: tuple[str, ...],
+    **flags: Any,
 ) -> int:
     """Start COMMAND (a Celery worker) under watch; exit with its exit code.
 
@@ -59,9 +75,23 @@ def command(
     Every 10 minutes the session is analysed as `report` does; a task name found to
     leak is traced once, in the child that ran it most (`diagnose --task`), and the
     diagnosis stored (--no-auto-diagnose turns this off).
+
+    The guard acts on the worker it owns (--dry-run: decide and record only):
+    children over --child-soft-mib leave after their task, over --child-hard-mib
+    get TERM then KILL, hung tasks are stacked and killed, orphans reaped
+    (docs/configuration.md).
     """
+    config = guard_config(config_path, guard_overrides(flags), act=not dry_run)
+    if print_config:
+        click.echo(dump_config(config), nl=False)
+        return 0
     return run_under_warden(
-        worker_command, interval_seconds, no_probe, store_path, auto_diagnose=not no_auto_diagnose
+        worker_command,
+        interval_seconds,
+        no_probe,
+        store_path,
+        auto_diagnose=not no_auto_diagnose,
+        guard=config,
     )
 
 
@@ -80,6 +110,7 @@ def run_under_warden(
     store_path: Path | None,
     *,
     auto_diagnose: bool = True,
+    guard: GuardConfig | None = None,
 ) -> int:
     """Start ``worker_command`` under a new session; return its exit code."""
     check_commands([worker_command])
@@ -98,7 +129,10 @@ def run_under_warden(
         if auto_diagnose and not no_probe and check > 0:
             doctor = AutoDiagnoser(path, lambda: session.session_id, check_seconds=check)
             doctor.start()
-        return run_workers(session, [list(worker_command)])
+        warden: Guard | None = None
+        if guard is not None:
+            warden = attach_guard(session, guard, path)
+        return run_workers(session, [list(worker_command)], guard=warden)
     finally:
         if doctor is not None:
             doctor.stop()

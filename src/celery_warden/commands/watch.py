@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
+from typing import Any
 
 import click
 
 from celery_warden._config import SamplerConfig
-from celery_warden.commands._common import resolve_store, seconds_option, store_option
+from celery_warden.commands._common import (
+    guard_options,
+    guard_overrides,
+    resolve_store,
+    seconds_option,
+    store_option,
+)
+from celery_warden.guard import attach_guard, dump_config, guard_config
 from celery_warden.runner import resolve_masters, watch_workers
 from celery_warden.session import Session
 from celery_warden.store import Store
@@ -32,20 +40,37 @@ __all__ = ["command"]
     minimum=0.0,
     help="Stop after this many seconds (default: until Ctrl-C, or the workers stop).",
 )
+@click.option(
+    "--act",
+    is_flag=True,
+    help="Let the guard act (recycle, kill, reap); without it, it decides and records only.",
+)
+@guard_options
 @store_option
 def command(
     pids: tuple[int, ...],
     pattern: str | None,
     interval_seconds: float,
     duration_seconds: float | None,
+    act: bool,
+    config_path: Path | None,
+    print_config: bool,
     store_path: Path | None,
+    **flags: Any,
 ) -> int:
     """Sample Celery workers that are already running, until stopped.
 
     Workers are found by command line (`celery ... worker`, `python -m celery ...
     worker`) or named with --pid. Out of process only: per-task figures need the probe
     (`celery-warden run`).
+
+    The guard runs dry unless --act: every decision is logged and recorded as an
+    incident (`report` shows them), and no signal is sent.
     """
+    config = guard_config(config_path, guard_overrides(flags), act=act)
+    if print_config:
+        click.echo(dump_config(config), nl=False)
+        return 0
     for pid in pids:
         if pid <= 0:
             raise click.BadParameter(f"{pid} is not a process ID", param_hint="--pid")
@@ -60,8 +85,14 @@ def command(
             config=SamplerConfig(interval_seconds=interval_seconds),
             with_probe=False,
         )
+        path = resolve_store(store_path)
         return watch_workers(
-            session, masters, pattern, follow=not pids, duration_seconds=duration_seconds
+            session,
+            masters,
+            pattern,
+            follow=not pids,
+            duration_seconds=duration_seconds,
+            guard=attach_guard(session, config, path),
         )
     finally:
         store.close()

@@ -21,10 +21,13 @@ is not recorded there (None), and wall time includes waiting for other greenlets
 
 from __future__ import annotations
 
+import contextlib
 import json
 import json.encoder
+import math
 import os
 import random
+import select
 import sys
 import threading
 import time
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from celery_warden.probe import wire
 from celery_warden.probe._channel import Channel, renew_locks_after_fork
 from celery_warden.probe._control import ControlServer
+from celery_warden.probe._stack import StackDump
 
 if TYPE_CHECKING:
     from celery_warden.probe._trace import Trace
@@ -46,6 +50,8 @@ HEARTBEAT_SECONDS = 5.0
 SMAPS_SECONDS = 10.0  # at most one smaps_rollup read per process in this long
 
 _EX_RECYCLE = 0x9B  # billiard's exit code for a child that leaves by its own limits
+_MAX_SETTINGS_TASKS = 500  # task names the worker's settings may list
+_SETTINGS_TASKS_BYTES = wire.MAX_LINE // 2  # and their room in the worker's message
 _MAX_RUNNING = 1024  # tasks remembered between prerun and postrun, per process
 _MAX_NAMES = 4096  # task names whose JSON form is cached
 BLOCKS_SAMPLE = 1 / 16  # the share of calls around which the allocator's blocks are counted
@@ -86,6 +92,105 @@ def _parse_smaps_rollup(data: bytes) -> tuple[int | None, int | None]:
     return uss, pss
 
 
+# The app-wide settings a hard kill's outcome depends on, and each task's own override
+# of them (by the task's attribute name).
+_APP_SETTINGS = (
+    "task_acks_late",
+    "task_reject_on_worker_lost",
+    "task_retry_on_worker_lost",
+    "task_time_limit",
+    "task_soft_time_limit",
+    "worker_max_tasks_per_child",
+    "worker_max_memory_per_child",
+)
+_TASK_SETTINGS = {
+    "acks_late": "task_acks_late",
+    "reject_on_worker_lost": "task_reject_on_worker_lost",
+    "retry_on_worker_lost": "task_retry_on_worker_lost",
+    "time_limit": "task_time_limit",
+    "soft_time_limit": "task_soft_time_limit",
+}
+# The worker's effective value where its command line can override the app's setting.
+_WORKER_OVERRIDES = {
+    "task_time_limit": "time_limit",
+    "task_soft_time_limit": "soft_time_limit",
+    "worker_max_tasks_per_child": "max_tasks_per_child",
+    "worker_max_memory_per_child": "max_memory_per_child",
+}
+_TRANSPORT_OPTIONS = ("visibility_timeout", "unacked_restore_interval", "unacked_restore_throttle")
+
+
+def _plain(value: object) -> bool | int | float | str | None:
+    """A setting as JSON can carry it and the wire may hold it."""
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return str(value)[: wire.MAX_NAME]
+
+
+def _transport(app: Any) -> str | None:
+    """The broker's kombu transport, by its driver ("redis", "amqp"), never its URL,
+    which can hold a password. Nothing is connected: kombu only parses the URL."""
+    from kombu.transport import get_transport_cls
+
+    connection = app.connection_for_write()
+    try:
+        alias = connection.transport_cls
+    finally:
+        connection.release()
+    cls = get_transport_cls(alias) if isinstance(alias, str) else alias
+    driver = getattr(cls, "driver_type", None) or alias
+    return driver[: wire.MAX_NAME] if isinstance(driver, str) else None
+
+
+def worker_settings(instance: Any) -> dict[str, Any]:
+    """The settings the guard's startup self-check reads, from the worker's app.
+
+    App-wide: whether a hard kill loses a task (acks late, reject or retry on worker
+    lost), Celery's own limits (the worker's effective values, its command line
+    included), the broker's transport and the options that decide when Redis redelivers
+    (None: the transport's default). Per task name, only the settings that differ from
+    those app-wide values, for at most ``_MAX_SETTINGS_TASKS`` names and within the
+    message's size limit; ``tasks_truncated`` says when names were left out.
+    """
+    app = instance.app
+    conf = app.conf
+    settings: dict[str, Any] = {name: _plain(conf.get(name)) for name in _APP_SETTINGS}
+    for name, attribute in _WORKER_OVERRIDES.items():
+        if hasattr(instance, attribute):
+            settings[name] = _plain(getattr(instance, attribute))
+    try:
+        settings["broker_transport"] = _transport(app)
+    except Exception:
+        settings["broker_transport"] = None
+    options = conf.get("broker_transport_options")
+    options = options if isinstance(options, dict) else {}
+    for name in _TRANSPORT_OPTIONS:
+        settings[name] = _plain(options.get(name))
+    tasks: dict[str, dict[str, Any]] = {}
+    size, truncated = 0, False
+    for name, task in sorted(app.tasks.items()):
+        if str(name).startswith("celery."):
+            continue
+        own = {}
+        for attribute, setting in _TASK_SETTINGS.items():
+            value = _plain(getattr(task, attribute, None))
+            if value != settings[setting]:
+                own[attribute] = value
+        if not own:
+            continue
+        key = str(name)[: wire.MAX_NAME]
+        size += len(json.dumps([key, own]))
+        if len(tasks) >= _MAX_SETTINGS_TASKS or size > _SETTINGS_TASKS_BYTES:
+            truncated = True
+            break
+        tasks[key] = own
+    settings["tasks"] = tasks
+    settings["tasks_truncated"] = truncated
+    return settings
+
+
 class Probe:
     """Per-process state of the probe; survives fork by re-reading its identity."""
 
@@ -111,6 +216,10 @@ class Probe:
         self._master_pid = 0  # the process celeryd_after_setup ran in
         self.trace: Trace | None = None  # a diagnosis tracing a task name here
         self._control: ControlServer | None = None
+        self.stack = StackDump()
+        self.recycle_requested = False  # the warden asked this pool child to leave
+        self._recycle_wake = -1  # written to wake an idle child that should leave
+        self._recycle_pid = 0  # the process whose billiard loop the wrapper is in
         if heartbeat_seconds is None:
             heartbeat_seconds = _env_float(HEARTBEAT_ENV, HEARTBEAT_SECONDS)
         self.heartbeat_seconds = heartbeat_seconds
@@ -160,7 +269,8 @@ class Probe:
         return [json.loads(call[_T_NAME]) for call in list(self._running.values())]
 
     def start_control(self) -> str | None:
-        """Serve ``celery-warden diagnose`` in this process (once per process)."""
+        """Serve ``celery-warden diagnose`` in this process (once per process), and
+        register the stack dump handler beside its socket."""
         if not self.control:
             return None
         try:
@@ -168,10 +278,68 @@ class Probe:
                 from celery_warden.probe._ops import operations
 
                 self._control = ControlServer(operations(self))
-            return self._control.start()
+            path = self._control.start()
         except Exception:
             self.errors += 1
             return None
+        # Not in a prefork master: its children would inherit the handler, writing to the
+        # master's file until they register their own.
+        if path is not None and not (self.is_master() and self.pool_name == "prefork"):
+            try:
+                self.stack.enable(os.path.dirname(path))
+            except Exception:
+                self.errors += 1
+        return path
+
+    def can_recycle(self) -> bool:
+        """Whether this process is a pool child that ``recycle`` can end between tasks."""
+        return self._recycle_wake >= 0 and self._recycle_pid == os.getpid()
+
+    def request_recycle(self) -> bool:
+        """Have this pool child leave before its next task (at once when idle); False
+        where there is no billiard loop to leave (a master, the solo or threads pool)."""
+        if not self.can_recycle():
+            return False
+        self.recycle_requested = True  # set before the wake-up, which the loop reads after
+        with contextlib.suppress(OSError):  # a full pipe: the loop was woken already
+            os.write(self._recycle_wake, b"r")
+        return True
+
+    def _arm_recycle(self) -> None:
+        """Let ``request_recycle`` end this pool child between tasks, by billiard's own
+        way out: the one a child at ``max_tasks_per_child`` takes.
+
+        billiard's ``workloop`` reads ``Worker.wait_for_job`` into a local when it starts,
+        which is after worker_process_init: the wrapper put there now is what the loop
+        calls before each job. Once a recycle is asked, it calls ``sys.exit(EX_RECYCLE)``
+        (billiard's ``Worker.__call__`` patched ``sys.exit`` to record the code), so the
+        master counts a normal recycle, not a crash towards ``RestartFreqExceeded``, and a
+        job written to this child but never read is put back for another child. An idle
+        child blocks reading its job pipe; the wrapper waits on that pipe and on a wake-up
+        pipe of its own, so an idle child leaves as soon as it is asked, not at its next
+        job. Outside a billiard pool child it does nothing.
+        """
+        from billiard import pool, process
+
+        worker = getattr(process.current_process(), "_target", None)
+        if not isinstance(worker, pool.Worker):
+            return
+        original = worker.wait_for_job
+        jobs = worker.inq._reader.fileno()
+        wake_reader, wake_writer = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        waiter = select.poll()
+        waiter.register(jobs, select.POLLIN)
+        waiter.register(wake_reader, select.POLLIN)
+
+        def wait_for_job() -> Any:
+            if not self.recycle_requested:
+                waiter.poll()  # a job (or the pipe closed), or a recycle request
+            if self.recycle_requested:
+                sys.exit(pool.EX_RECYCLE)  # looked up now: billiard's recording exit
+            return original()
+
+        worker.wait_for_job = wait_for_job
+        self._recycle_wake, self._recycle_pid = wake_writer, os.getpid()
 
     def _close_files(self) -> None:
         for fd in (self._statm, self._smaps):
@@ -186,6 +354,7 @@ class Probe:
         self.channel.close()
         if self._control is not None:
             self._control.close()
+        self.stack.close()
         self._close_files()
 
     def rss_bytes(self) -> int | None:
@@ -222,6 +391,11 @@ class Probe:
             self.green = pool_name in _GREEN_POOLS
             concurrency = int(getattr(instance, "concurrency", 0) or 0)
             self.start_control()  # the master too: its own memory can be asked for
+            settings = None
+            try:
+                settings = worker_settings(instance)
+            except Exception:
+                self.errors += 1  # the worker is still described, without its settings
             self.channel.send(
                 wire.encode(
                     "w",
@@ -232,6 +406,7 @@ class Probe:
                     concurrency,
                     self.max_tasks_per_child,
                     self.max_memory_per_child_kb,
+                    settings,
                 )
             )
         except Exception:
@@ -247,6 +422,10 @@ class Probe:
             cmdline = argv.decode("utf-8", "replace")[:1000]
             self.channel.send(wire.encode("c", pid, ticks, os.getppid(), time.time(), cmdline))
             self._start_heartbeat()
+        except Exception:
+            self.errors += 1
+        try:
+            self._arm_recycle()
         except Exception:
             self.errors += 1
 
@@ -371,6 +550,7 @@ class Probe:
                     "x", own_pid, ticks, time.time(), exitcode, reason, self.channel.dropped
                 )
             )
+            self.stack.remove_file()
         except Exception:
             self.errors += 1
 
@@ -379,6 +559,8 @@ class Probe:
             return "killed"
         if exitcode != _EX_RECYCLE:
             return "exited"
+        if self.recycle_requested:
+            return "recycled"  # the warden asked
         # billiard exits with EX_RECYCLE for both limits; tell them apart by the count.
         if self.max_tasks_per_child and self.tasks_done >= self.max_tasks_per_child:
             return "max-tasks"

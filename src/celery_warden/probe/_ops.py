@@ -1,11 +1,15 @@
 """What the control channel can ask a worker process (``celery-warden diagnose``).
 
-- ``hello``: who this is (pid, start time, pool) and what it runs now;
+- ``hello``: who this is (pid, start time, pool), what it runs now, whether ``recycle``
+  can end it, and where its stack dump handler writes (``_stack.py``);
 - ``memory``: where the memory is (``_alloc.breakdown``), the heap's census by type, and,
   only when asked (it holds the allocator's locks for a moment), what ``malloc_trim(0)``
   gives back, measured;
 - ``trace``: trace the next ``calls`` calls of ``task`` (``_trace.Trace``) and answer
-  when they are done or ``timeout`` seconds have passed, whichever comes first.
+  when they are done or ``timeout`` seconds have passed, whichever comes first;
+- ``recycle``: have this pool child leave after its current task, or at once when idle,
+  by billiard's own way out (``Probe.request_recycle``): the soft recycle that never
+  interrupts a task, as SIGTERM to a busy child would. Asking again changes nothing.
 
 Every answer carries types, counts, sizes, file:line and attribute names, never object
 contents or task arguments, unless the request says ``show_values`` (the client records
@@ -21,6 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery_warden.probe import _alloc, _heap
+from celery_warden.probe._stack import STACK_SIGNAL
 from celery_warden.probe._trace import Trace
 
 if TYPE_CHECKING:
@@ -49,12 +54,25 @@ def operations(probe: Probe) -> dict[str, Callable[[dict[str, Any]], dict[str, A
         return {"pid": pid, "start_ticks": ticks, "pool": probe.pool_name, "at": time.time()}
 
     def hello(request: dict[str, Any]) -> dict[str, Any]:
+        stack_file = probe.stack.path
         return {
             **identity(),
             "master": probe.is_master(),
             "running": probe.running_names(),
             "tracing": busy.locked(),
+            "can_recycle": probe.can_recycle(),
+            "stack_signal": STACK_SIGNAL if stack_file is not None else None,
+            "stack_file": stack_file,
         }
+
+    def recycle(request: dict[str, Any]) -> dict[str, Any]:
+        if not probe.request_recycle():
+            return {
+                "accepted": False,
+                "error": "not a prefork pool child: there is no pool loop to leave here "
+                "(a worker's master, or the solo or threads pool)",
+            }
+        return {"accepted": True, "busy": probe.running_names()}
 
     def memory(request: dict[str, Any]) -> dict[str, Any]:
         limit = int(_bounded(request, "limit", 30, 1, 500))
@@ -102,4 +120,4 @@ def operations(probe: Probe) -> dict[str, Callable[[dict[str, Any]], dict[str, A
         finally:
             busy.release()
 
-    return {"hello": hello, "memory": memory, "trace": trace}
+    return {"hello": hello, "memory": memory, "trace": trace, "recycle": recycle}

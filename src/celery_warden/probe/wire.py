@@ -8,7 +8,7 @@ the probe free of dependencies and any odd task name safe; task names are trunca
 =====  ==================================================================
 kind   fields
 =====  ==================================================================
-``w``  pid, start_ticks, nodename, pool, concurrency, max_tasks, max_mem_kb
+``w``  pid, start_ticks, nodename, pool, concurrency, max_tasks, max_mem_kb, settings
 ``c``  pid, start_ticks, ppid, t, cmdline                (a pool child starts)
 ``s``  pid, start_ticks, task_id, name, t_start
 ``f``  pid, start_ticks, task_id, name, t_start, t_end, wall_seconds, state, rss_bytes,
@@ -21,6 +21,10 @@ kind   fields
 tasks it is running now (none when idle), since when, and how much CPU each has used
 so far. It repeats the state rather than an event, so a message dropped or a warden
 restarted mends itself at the next beat.
+
+``settings`` in ``w`` is a JSON object of the app's settings the guard's self-check
+reads (``_hooks.worker_settings`` lists them), its ``tasks`` an object of objects; a
+probe older than the field sends none, which decodes as None.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from typing import Any
 
 from celery_warden._records import (
     EndReason,
@@ -107,6 +112,19 @@ def _float(value: object) -> float:
     if not math.isfinite(number):
         raise ValueError(f"not a finite number: {number}")
     return number
+
+
+def _settings(value: object) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("settings must be an object")
+    tasks = value.get("tasks")
+    if tasks is not None and not (
+        isinstance(tasks, dict) and all(isinstance(own, dict) for own in tasks.values())
+    ):
+        raise ValueError("settings' tasks must map names to objects")
+    return value
 
 
 def decode(data: bytes) -> tuple[Message, int]:
@@ -190,7 +208,8 @@ def decode(data: bytes) -> tuple[Message, int]:
         )
         return child, 0
     if kind == "w":
-        pid, ticks, node, pool, concurrency, max_tasks, max_mem = fields
+        pid, ticks, node, pool, concurrency, max_tasks, max_mem, *more = fields
+        settings = (*more, None)[0]
         info = WorkerInfo(
             _int(pid),
             _int(ticks),
@@ -199,6 +218,7 @@ def decode(data: bytes) -> tuple[Message, int]:
             _int(concurrency),
             _opt_int(max_tasks),
             _opt_int(max_mem),
+            _settings(settings),
         )
         return info, 0
     raise ValueError(f"unknown message kind {kind!r}")

@@ -1,13 +1,15 @@
 """The JSON report: a stable, versioned document for scripts and alerting.
 
-The schema is ``schemas/report-v3.schema.json`` (documented in docs/report-schema.md).
+The schema is ``schemas/report-v4.schema.json`` (documented in docs/report-schema.md).
 Later versions only add fields; a consumer checks ``schema_version`` and ignores what
 it does not know. Version 2 added, per task name, CPU time and the CPU/IO class, the
 exception types of failures, and ``memory``: retained bytes per call and the verdict.
 Version 3 added what ``celery-warden diagnose`` found: per task name ``sites[]``,
 ``types[]`` and ``roots[]``; per process ``diagnosis`` (where the memory is, the
 verdict, its evidence and advice) and ``trend_verdict``; the new verdicts
-``native-leak`` and ``fragmentation``; and ``diagnoses[]``.
+``native-leak`` and ``fragmentation``; and ``diagnoses[]``. Version 4 added what the
+guard did: ``incidents[]`` (each decision, its measurements, outcome and captured
+stack) and ``signals[]`` (every signal sent, refused or dry-run).
 """
 
 from __future__ import annotations
@@ -16,14 +18,20 @@ import json
 import time
 from typing import IO, Any
 
-from celery_warden._records import DiagnosisRecord, GrowthFinding, MemoryFinding
+from celery_warden._records import (
+    DiagnosisRecord,
+    GrowthFinding,
+    Incident,
+    MemoryFinding,
+    SignalAudit,
+)
 from celery_warden._version import __version__
 from celery_warden.analysis.attribution import TaskAttribution
 from celery_warden.analysis.report import ProcessReport, Report, TaskReport, WorkerReport
 
 __all__ = ["SCHEMA_VERSION", "JsonReporter"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _evidence(finding: MemoryFinding) -> dict[str, Any]:
@@ -214,6 +222,37 @@ def _task(report: TaskReport) -> dict[str, Any]:
     }
 
 
+def _incident(i: Incident) -> dict[str, Any]:
+    return {
+        "id": i.id,
+        "kind": str(i.kind),
+        "pid": i.pid,
+        "start_ticks": i.start_ticks,
+        "master_pid": i.master_pid,
+        "t": i.t,
+        "reason": i.reason,
+        "numbers": dict(i.numbers),
+        "outcome": str(i.outcome),
+        "dry_run": i.dry_run,
+        "task_name": i.task_name,
+        "task_id": i.task_id,
+        "stack": i.stack,
+        "ended_at": i.ended_at,
+    }
+
+
+def _signal(a: SignalAudit) -> dict[str, Any]:
+    return {
+        "t": a.t,
+        "pid": a.pid,
+        "start_ticks": a.start_ticks,
+        "signal": a.signal,
+        "result": a.result,
+        "incident_id": a.incident_id,
+        "detail": a.detail,
+    }
+
+
 class JsonReporter:
     """Renders a report as one JSON document."""
 
@@ -254,6 +293,8 @@ class JsonReporter:
                     }
                     for d in report.diagnoses
                 ],
+                "incidents": [_incident(i) for i in report.incidents],
+                "signals": [_signal(a) for a in report.signals],
             }
         )
 

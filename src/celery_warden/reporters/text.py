@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from celery_warden._records import Role, Verdict
+from celery_warden._records import Incident, Outcome, Role, Verdict
 from celery_warden.analysis._format import bytes_unit, format_bytes, format_duration
 from celery_warden.analysis.attribution import TaskAttribution
 from celery_warden.analysis.report import ProcessReport, Report
@@ -26,6 +26,11 @@ _STYLE = {
     Verdict.STABLE: "green",
     Verdict.INSUFFICIENT_DATA: "dim",
 }
+
+
+# The outcomes where the guard ended a process by force, or could not do what it meant to.
+_FORCED = frozenset({Outcome.KILLED, Outcome.TERMINATED, Outcome.FAILED})
+_STACK_LINES = 12  # the innermost frames: where the process was stuck or growing
 
 
 def _size(value: float | None) -> str:
@@ -77,6 +82,7 @@ class TextReporter:
             console.print("No worker process was seen in this session.")
             return
         self._diagnoses(console)
+        self._incidents(console)
         console.print(self._workers())
         console.print(self._processes())
         self._findings(console)
@@ -100,6 +106,19 @@ class TextReporter:
                 render_diagnosis_into(console, p.diagnosis.document)
         if any(p.diagnosis is not None for p in self.report.processes):
             console.print()
+
+    def _incidents(self, console: Console) -> None:
+        """What the guard did (or would have), one line each, then the tail of the stack
+        it captured before acting: the reason a person reads the report after a kill."""
+        if not self.report.incidents:
+            return
+        console.print("\n[bold]Incidents[/]")
+        for incident in self.report.incidents:
+            console.print(_incident_line(incident))
+            if incident.stack:
+                tail = incident.stack.rstrip("\n").splitlines()[-_STACK_LINES:]
+                console.print(Text("\n".join("      " + line for line in tail), style="dim"))
+        console.print()
 
     def _workers(self) -> Table:
         table = Table(title="Workers", title_justify="left")
@@ -208,6 +227,19 @@ class TextReporter:
         for t in self.report.tasks:
             if t.leaks and t.memory is not None:
                 console.print(f"  [bold red]leak[/] in task {t.name}: {t.memory.reason}")
+
+
+def _incident_line(i: Incident) -> Text:
+    """Time, kind, PID, task, outcome and reason; as Text, never markup, since the
+    reason and the task name may hold brackets rich would read as styles."""
+    line = Text("  " + datetime.datetime.fromtimestamp(i.t).strftime("%H:%M:%S") + "  ")
+    line.append(str(i.kind), style="bold")
+    line.append(f"  pid {i.pid}  {i.task_name or '-'}  ")
+    line.append(str(i.outcome), style="red" if i.outcome in _FORCED else "")
+    if i.dry_run and i.outcome is not Outcome.DRY_RUN:  # refused, say, in a dry run
+        line.append(" (dry run)", style="yellow")
+    line.append(f": {i.reason}")
+    return line
 
 
 def _kept(m: TaskAttribution | None) -> tuple[str, str]:

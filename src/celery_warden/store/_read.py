@@ -7,17 +7,23 @@ writes, and they never take a write lock, so ``report`` cannot stall the sampler
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from collections import defaultdict
+from typing import Any
 
 from celery_warden._records import (
     DiagnosisRecord,
     EndReason,
+    Incident,
+    IncidentKind,
+    Outcome,
     ProcessHistory,
     ProcessInfo,
     Role,
     Sample,
     SessionInfo,
+    SignalAudit,
     Snapshot,
     TaskFinished,
     TaskStarted,
@@ -27,7 +33,14 @@ from celery_warden._records import (
 )
 from celery_warden.exceptions import StoreEmpty, StoreError
 
-__all__ = ["list_sessions", "read_snapshot"]
+__all__ = ["SELECT_INCIDENTS", "list_sessions", "read_incidents", "read_snapshot"]
+
+log = logging.getLogger("celery_warden")
+
+SELECT_INCIDENTS = (
+    "SELECT session_id, id, kind, pid, start_ticks, master_pid, t, reason, numbers, outcome,"
+    " dry_run, task_name, task_id, stack, ended_at, deadline FROM incidents"
+)
 
 _SELECT_SESSIONS = (
     "SELECT id, mode, command, hostname, started_at, ended_at, exit_code, interval_seconds,"
@@ -75,6 +88,11 @@ def _read_snapshot(conn: sqlite3.Connection, session_id: int | None) -> Snapshot
                 f"no session {session_id} in the store; `celery-warden report --list` shows them"
             )
     session = _session(row)
+    # `report` opens the store read-only and never migrates it: a store an older warden
+    # wrote lacks the later tables, and reads as if they were empty.
+    tables = {
+        name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
     workers = tuple(
         WorkerInfo(*r)
         for r in conn.execute(
@@ -115,7 +133,76 @@ def _read_snapshot(conn: sqlite3.Connection, session_id: int | None) -> Snapshot
         workers=workers,
         processes=tuple(processes),
         running_tasks=running,
-        diagnoses=_read_diagnoses(conn, session.id),
+        diagnoses=_read_diagnoses(conn, session.id) if "diagnoses" in tables else (),
+        incidents=_session_incidents(conn, session.id) if "incidents" in tables else (),
+        signals=_read_signals(conn, session.id) if "signals" in tables else (),
+    )
+
+
+def _session_incidents(conn: sqlite3.Connection, session_id: int) -> tuple[Incident, ...]:
+    query = SELECT_INCIDENTS + " WHERE session_id = ? ORDER BY t, id"
+    return tuple(incident for _, incident in read_incidents(conn, query, (session_id,)))
+
+
+def read_incidents(
+    conn: sqlite3.Connection, query: str, params: tuple[Any, ...]
+) -> list[tuple[int | None, Incident]]:
+    """The incidents ``query`` (:data:`SELECT_INCIDENTS` and a filter) selects, each
+    with its session.
+
+    A row this version cannot read is skipped, and the skipped rows are counted in one
+    warning: a newer celery-warden may add a kind or an outcome without a new schema
+    version (so the store still opens here), and one such row must not cost the report
+    or a restarted guard every other incident. There is no member to map it to that
+    would not misstate what the guard did.
+    """
+    incidents = []
+    skipped = 0
+    for row in conn.execute(query, params):
+        session_id, id_, kind, pid, ticks, master, t, reason, numbers, outcome, *rest = row
+        dry_run, task_name, task_id, stack, ended_at, deadline = rest
+        try:
+            parsed = json.loads(numbers)
+            if not isinstance(parsed, dict):
+                raise ValueError("numbers is not a JSON object")
+            incident = Incident(
+                id=id_,
+                kind=IncidentKind(kind),
+                pid=pid,
+                start_ticks=ticks,
+                master_pid=master,
+                t=t,
+                reason=reason,
+                numbers=parsed,
+                outcome=Outcome(outcome),
+                dry_run=bool(dry_run),
+                task_name=task_name,
+                task_id=task_id,
+                stack=stack,
+                ended_at=ended_at,
+                deadline=deadline,
+            )
+        except ValueError:
+            skipped += 1
+            continue
+        incidents.append((session_id, incident))
+    if skipped:
+        log.warning(
+            "%d stored incidents were skipped: this celery-warden cannot read them "
+            "(written by a newer version?)",
+            skipped,
+        )
+    return incidents
+
+
+def _read_signals(conn: sqlite3.Connection, session_id: int) -> tuple[SignalAudit, ...]:
+    return tuple(
+        SignalAudit(*row)
+        for row in conn.execute(
+            "SELECT t, pid, start_ticks, signal, result, incident_id, detail FROM signals"
+            " WHERE session_id = ? ORDER BY t, id",
+            (session_id,),
+        )
     )
 
 

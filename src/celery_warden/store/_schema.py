@@ -115,6 +115,45 @@ _V3 = [
     "CREATE INDEX diagnoses_by_session ON diagnoses (session_id, at)",
 ]
 
+# v4: what the guard decided and every signal it sent (or refused, or would have sent).
+# An incident is keyed by its own id because the guard writes it twice: when decided,
+# before any signal, and again when its outcome is known; a warden restarted while
+# one is pending finds it by outcome. session_id is NULL for a guard no session records.
+_V4 = [
+    """CREATE TABLE incidents (
+        id TEXT PRIMARY KEY,              -- Incident.id, stable across its updates
+        session_id INTEGER REFERENCES sessions(id),
+        kind TEXT NOT NULL,               -- memory-soft | memory-hard | hang | ...
+        pid INTEGER NOT NULL,
+        start_ticks INTEGER NOT NULL,
+        master_pid INTEGER,
+        t REAL NOT NULL,                  -- when decided
+        reason TEXT NOT NULL,
+        numbers TEXT NOT NULL,            -- JSON object: the measurements behind it
+        outcome TEXT NOT NULL,            -- dry-run | pending | recycled | killed | ...
+        dry_run INTEGER NOT NULL DEFAULT 0,
+        task_name TEXT,
+        task_id TEXT,
+        stack TEXT,
+        ended_at REAL,                    -- when the outcome was known
+        deadline REAL                     -- when a pending hard recycle sends KILL
+    )""",
+    "CREATE INDEX incidents_by_session ON incidents (session_id, t)",
+    "CREATE INDEX incidents_by_outcome ON incidents (outcome)",
+    """CREATE TABLE signals (
+        id INTEGER PRIMARY KEY,
+        session_id INTEGER REFERENCES sessions(id),
+        t REAL NOT NULL,
+        pid INTEGER NOT NULL,
+        start_ticks INTEGER NOT NULL,
+        signal TEXT NOT NULL,             -- SIGTERM, SIGKILL, ...
+        result TEXT NOT NULL,             -- sent | gone | dry-run | refused: <why>
+        incident_id TEXT,
+        detail TEXT NOT NULL DEFAULT ''
+    )""",
+    "CREATE INDEX signals_by_session ON signals (session_id, t)",
+]
+
 # MIGRATIONS[i] takes the schema from version i to version i + 1.
-MIGRATIONS: list[list[str]] = [_V1, _V2, _V3]
+MIGRATIONS: list[list[str]] = [_V1, _V2, _V3, _V4]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -8,6 +8,7 @@ thread); every batch is one transaction, so a reader never sees half a sweep.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -19,9 +20,11 @@ from pathlib import Path
 from celery_warden._config import Retention
 from celery_warden._records import (
     DiagnosisRecord,
+    Incident,
     ProcessEnd,
     ProcessInfo,
     Sample,
+    SignalAudit,
     TaskFinished,
     TaskStarted,
     WorkerInfo,
@@ -33,11 +36,21 @@ from celery_warden.exceptions import (
     StoreNotWritable,
     StoreTooNew,
 )
+from celery_warden.store._read import SELECT_INCIDENTS, read_incidents
 from celery_warden.store._schema import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = ["Record", "Store"]
 
-Record = ProcessInfo | Sample | ProcessEnd | WorkerInfo | TaskStarted | TaskFinished
+Record = (
+    ProcessInfo
+    | Sample
+    | ProcessEnd
+    | WorkerInfo
+    | TaskStarted
+    | TaskFinished
+    | Incident
+    | SignalAudit
+)
 
 MAX_DIAGNOSES = 1000  # kept in all, the newest
 _BUSY_TIMEOUT_MS = 1000  # no write may hold the sampler's pipeline longer than this
@@ -67,6 +80,17 @@ _DOWNSAMPLE = {
         "DELETE FROM samples WHERE resolution_seconds IN (0, 60) AND t < ?",
     ),
 }
+
+
+def _numbers_json(numbers: dict[str, float | int | str | None]) -> str:
+    """The measurements as JSON. NaN and infinity are not JSON, and a decision must
+    never go unrecorded over a ratio that divided by zero, so they are kept as their
+    text: ``"nan"``, ``"inf"``."""
+    finite = {
+        key: str(value) if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in numbers.items()
+    }
+    return json.dumps(finite, separators=(",", ":"), allow_nan=False)
 
 
 def _boot_id() -> str:
@@ -268,8 +292,11 @@ class Store:
         that `report` would show instead of the last real one."""
         now = time.time()
         with self._transaction():
+            # A guard's decision keeps its session even without a process to show.
             seen = self._conn.execute(
-                "SELECT 1 FROM processes WHERE session_id = ? LIMIT 1", (session_id,)
+                "SELECT 1 FROM processes WHERE session_id = ?1"
+                " UNION ALL SELECT 1 FROM incidents WHERE session_id = ?1 LIMIT 1",
+                (session_id,),
             ).fetchone()
             if seen is None:
                 self._conn.execute("DELETE FROM workers WHERE session_id = ?", (session_id,))
@@ -425,6 +452,10 @@ class Store:
                 " AND start_ticks = ? AND state = 'started'",
                 (session_id, record.pid, record.start_ticks),
             )
+        elif isinstance(record, Incident):
+            self._upsert_incident(session_id, record)
+        elif isinstance(record, SignalAudit):
+            self._insert_signal(session_id, record)
         else:  # WorkerInfo
             self._conn.execute(
                 "INSERT OR REPLACE INTO workers (session_id, pid, start_ticks, nodename, pool,"
@@ -441,6 +472,67 @@ class Store:
                     record.max_memory_per_child_kb,
                 ),
             )
+
+    # -- the guard -------------------------------------------------------------------
+
+    def save_incident(self, session_id: int | None, incident: Incident) -> None:
+        """Store an incident, replacing the earlier version with its id, committed
+        before returning.
+
+        The guard saves an incident before it sends any signal, so that a warden killed
+        mid-escalation leaves behind what it was doing and why. The commit is WAL's with
+        ``synchronous=NORMAL``: it survives the warden's death (even ``kill -9``); only
+        a power loss can undo it, and that takes the target process with it. Raises
+        :class:`sqlite3.Error` when it could not be stored (the store busy past its
+        timeout, the disk full): then nothing durable records what is about to happen.
+        """
+        with self._transaction():
+            self._upsert_incident(session_id, incident)
+
+    def add_signal(self, session_id: int | None, audit: SignalAudit) -> None:
+        """Store one signal sent, refused or dry-run, committed before returning."""
+        with self._transaction():
+            self._insert_signal(session_id, audit)
+
+    def pending_incidents(self) -> list[tuple[int | None, Incident]]:
+        """Every incident still pending, in any session, oldest first, with its session:
+        a warden restarted mid-escalation resumes them (the KILL a deadline promised).
+        Rows this version cannot read are skipped, with a warning."""
+        return read_incidents(
+            self._conn, SELECT_INCIDENTS + " WHERE outcome = 'pending' ORDER BY t, id", ()
+        )
+
+    def _upsert_incident(self, session_id: int | None, i: Incident) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO incidents (id, session_id, kind, pid, start_ticks,"
+            " master_pid, t, reason, numbers, outcome, dry_run, task_name, task_id, stack,"
+            " ended_at, deadline) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                i.id,
+                session_id,
+                str(i.kind),
+                i.pid,
+                i.start_ticks,
+                i.master_pid,
+                i.t,
+                i.reason,
+                _numbers_json(i.numbers),
+                str(i.outcome),
+                int(i.dry_run),
+                i.task_name,
+                i.task_id,
+                i.stack,
+                i.ended_at,
+                i.deadline,
+            ),
+        )
+
+    def _insert_signal(self, session_id: int | None, a: SignalAudit) -> None:
+        self._conn.execute(
+            "INSERT INTO signals (session_id, t, pid, start_ticks, signal, result,"
+            " incident_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (session_id, a.t, a.pid, a.start_ticks, a.signal, a.result, a.incident_id, a.detail),
+        )
 
     # -- diagnoses -------------------------------------------------------------------
 
@@ -491,6 +583,13 @@ class Store:
                 "DELETE FROM tasks WHERE id <= (SELECT max(id) - ? FROM tasks)",
                 (retention.max_task_rows,),
             )
+            # The guard's record lasts as long as the tasks it acted on, except what is
+            # still pending: a restarted warden must find it to finish the escalation.
+            self._conn.execute(
+                "DELETE FROM incidents WHERE t < ? AND outcome != 'pending'",
+                (now - retention.task_seconds,),
+            )
+            self._conn.execute("DELETE FROM signals WHERE t < ?", (now - retention.task_seconds,))
             # Lives and sessions go once nothing refers to them any more.
             cutoff = now - retention.quarter_seconds
             self._conn.execute("DELETE FROM diagnoses WHERE at < ?", (cutoff,))
@@ -514,7 +613,9 @@ class Store:
             self._conn.execute(
                 "DELETE FROM sessions WHERE ended_at < ? AND NOT EXISTS"
                 " (SELECT 1 FROM processes p WHERE p.session_id = sessions.id) AND NOT EXISTS"
-                " (SELECT 1 FROM diagnoses d WHERE d.session_id = sessions.id)",
+                " (SELECT 1 FROM diagnoses d WHERE d.session_id = sessions.id) AND NOT EXISTS"
+                " (SELECT 1 FROM incidents i WHERE i.session_id = sessions.id) AND NOT EXISTS"
+                " (SELECT 1 FROM signals g WHERE g.session_id = sessions.id)",
                 (cutoff,),
             )
 

@@ -1,0 +1,1038 @@
+"""The guard: after every sweep, decide; act through the audited signaller; record why.
+
+It reads what the session already keeps (the processes of each tree with their verified
+pidfds, the latest sample of each, what each child runs from the probe's heartbeats,
+how long each task name usually takes) and applies, in this order:
+
+1. **hang**: a task far past what its name usually takes (or past its Celery time
+   limit x a factor: Celery acts first), or a child running a task whose heartbeats
+   stopped (the GIL held in C code, or the process stopped). Its stack is captured and
+   the incident stored *before* the child is recycled hard;
+2. **memory**: a child's current private memory (USS or PSS, never the peak) over the
+   hard threshold: recycled hard (TERM, KILL after the grace); over the soft threshold,
+   or heading over the hard one within the horizon: asked to leave after its current
+   task (the probe's in-process recycle, billiard's own graceful exit); a master over
+   its budget: reported (recycling children never fixes it) or warm-restarted;
+3. **orphans**: processes of a dead master's recorded lineage, after a grace period.
+
+Recycles of one worker are bounded (in flight, per hour, spacing) and at least
+``min_serving`` children keep serving; a task id that keeps getting its child killed is
+reported as poison and not killed again. Every decision is an :class:`Incident`, written
+before the first signal and again with its outcome; in a dry run, with ``dry-run``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from celery_warden import _procs, control
+from celery_warden._records import (
+    Incident,
+    IncidentKind,
+    Outcome,
+    ProcessInfo,
+    Role,
+    RunningTask,
+    Sample,
+    SignalAudit,
+    TaskFinished,
+    WorkerInfo,
+)
+from celery_warden.exceptions import WardenError
+from celery_warden.guard import _stacks, selfcheck
+from celery_warden.guard._config import GuardConfig
+from celery_warden.guard._policy import Durations, PoisonLedger, Trip, WorkerBudget, projected
+from celery_warden.guard.signals import Signaller, Target
+from celery_warden.store import Store
+
+__all__ = ["Guard", "GuardView"]
+
+log = logging.getLogger("celery_warden")
+
+_MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class GuardView:
+    """What one tick reads: the session's state at the end of a sweep."""
+
+    tracked: list[ProcessInfo]
+    latest: dict[int, Sample]  # pid -> its latest sample
+    running: dict[tuple[int, int], tuple[tuple[RunningTask, ...], float | None]]
+    workers: list[WorkerInfo]
+
+
+@dataclass(slots=True)
+class _Proc:
+    """What the guard remembers about one process between ticks."""
+
+    soft: Trip
+    hard: Trip
+    readings: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=30))
+    last_sample_t: float = 0.0
+    task_seen: dict[str, float] = field(default_factory=dict)  # task id -> first seen (mono)
+    beat: float | None = None  # the last heartbeat value seen...
+    beat_changed: float = 0.0  # ...and when (mono)
+    incident: str | None = None  # the action under way on it
+    reported: set[str] = field(default_factory=set)  # once-only reports (kind:task id)
+    past_limit: dict[str, str] = field(default_factory=dict)  # task id -> name, over its limit
+
+
+class _Recorder:
+    """Writes incidents and signal audits at once, from the guard's own connection (the
+    session's writer batches for 0.2 s; an incident must be durable before its signal)."""
+
+    def __init__(self, store_path: Path | None, session_id: Callable[[], int]) -> None:
+        self._store = Store.open(store_path) if store_path is not None else None
+        self._session_id = session_id
+        self._lock = threading.Lock()
+        self.errors = 0
+        self.incidents: dict[str, Incident] = {}  # the latest version of each, this run
+
+    def incident(self, incident: Incident) -> None:
+        with self._lock:
+            self.incidents[incident.id] = incident
+            if self._store is None:
+                return
+            try:
+                self._store.save_incident(self._session_id() or None, incident)
+            except Exception as exc:  # noqa: BLE001 - supervision goes on without history
+                self.errors += 1
+                log.warning("could not store incident %s: %s", incident.id, exc)
+
+    def signal(self, audit: SignalAudit) -> None:
+        with self._lock:
+            if self._store is None:
+                return
+            try:
+                self._store.add_signal(self._session_id() or None, audit)
+            except Exception as exc:  # noqa: BLE001 - as above
+                self.errors += 1
+                log.warning("could not store a signal audit: %s", exc)
+
+    def pending(self) -> list[Incident]:
+        if self._store is None:
+            return []
+        try:
+            with self._lock:
+                return [incident for _sid, incident in self._store.pending_incidents()]
+        except Exception as exc:  # noqa: BLE001 - a damaged table must not stop the guard
+            log.warning("could not read pending incidents: %s", exc)
+            return []
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+
+class Guard:
+    """Applies ``config`` to the trees a session watches.
+
+    ``view`` returns the session's state; ``handle(pid, start_ticks)`` a duplicate of
+    the pidfd the sampler opened at discovery (None: not a process of ours). The guard
+    thread waits on ``swept`` (set after each sweep); tests call :meth:`tick` directly.
+    """
+
+    def __init__(
+        self,
+        config: GuardConfig,
+        *,
+        view: Callable[[], GuardView],
+        handle: Callable[[int, int], _procs.ProcessHandle | None],
+        store_path: Path | None,
+        session_id: Callable[[], int] = lambda: 0,
+        stack_signal: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._view = view
+        self._handle = handle
+        self._clock = clock
+        self.recorder = _Recorder(store_path, session_id)
+        self.signaller = Signaller(
+            dry_run=not config.act, audit=self.recorder.signal, stack_signal=stack_signal
+        )
+        self.durations = Durations()
+        self.poison = PoisonLedger(config.poison.window_seconds)
+        self._procs: dict[tuple[int, int], _Proc] = {}
+        self._budgets: dict[int, WorkerBudget] = {}
+        self._masters: dict[int, tuple[int, int]] = {}  # pid -> (start_ticks, uid)
+        self._orphaned: dict[tuple[int, int], float] = {}  # first seen orphaned (mono)
+        self._checked: set[tuple[int, int]] = set()  # masters self-checked
+        self._settings: dict[int, dict[str, Any]] = {}  # master pid -> app settings
+        self._lock = threading.Lock()  # tick() against escalation threads' callbacks
+        self._threads: list[threading.Thread] = []
+        self._last_view: GuardView | None = None
+        self.swept = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="warden-guard", daemon=True)
+
+    # -- life --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._resume_pending()
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop deciding; escalations under way finish (up to ``timeout`` seconds)."""
+        self._stop.set()
+        self.swept.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        wait = self.config.recycle.grace_seconds + 5 if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        for thread in list(self._threads):
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.recorder.close()
+
+    def on_task(self, message: TaskFinished) -> None:
+        """Learn how long each task name takes (the session calls this per call)."""
+        self.durations.add(message.name, message.wall_seconds)
+
+    def orphans_pending(self) -> bool:
+        """Whether orphans are waiting for their grace or being killed (``run`` waits
+        for them before it exits)."""
+        with self._lock:
+            return bool(self._orphaned) or any(t.is_alive() for t in self._threads)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.swept.wait()
+            self.swept.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.tick()
+            except Exception:  # a guard bug must not end the session's supervision
+                log.exception("guard tick failed")
+
+    # -- one decision round ----------------------------------------------------------------
+
+    def tick(self) -> None:
+        now = self._clock()
+        view = self._view()
+        with self._lock:
+            self._last_view = view
+            self._threads = [t for t in self._threads if t.is_alive()]
+            by_pid = {info.pid: info for info in view.tracked}
+            self._note_masters(view, by_pid)
+            live = {(i.pid, i.start_ticks) for i in view.tracked}
+            for key in [k for k in self._procs if k not in live]:
+                self._gone(key, now)
+            for info in view.tracked:
+                sample = view.latest.get(info.pid)
+                if sample is not None and sample.start_ticks != info.start_ticks:
+                    sample = None
+                if sample is not None and sample.state == "zombie":
+                    continue  # a zombie holds nothing and cannot be acted on (A5)
+                state = self._state(info)
+                if info.role is Role.CHILD or (info.role is Role.MASTER and self._runs_tasks(info)):
+                    running, beat = view.running.get((info.pid, info.start_ticks), ((), None))
+                    self._check_hang(info, state, running, beat, now)
+                if sample is not None:
+                    self._check_memory(info, state, sample, now)
+            self._check_orphans(view, now)
+
+    def _state(self, info: ProcessInfo) -> _Proc:
+        key = (info.pid, info.start_ticks)
+        state = self._procs.get(key)
+        if state is None:
+            m = self.config.memory
+            metric_soft = m.child_soft_mib if info.role is not Role.MASTER else 0.0
+            metric_hard = m.child_hard_mib if info.role is not Role.MASTER else m.master_budget_mib
+            state = self._procs[key] = _Proc(
+                soft=Trip(metric_soft * _MIB, m.sustain_samples, m.hysteresis_mib * _MIB),
+                hard=Trip(metric_hard * _MIB, m.sustain_samples, m.hysteresis_mib * _MIB),
+            )
+        return state
+
+    def _gone(self, key: tuple[int, int], now: float) -> None:
+        state = self._procs.pop(key)
+        self._orphaned.pop(key, None)
+        for task_id, name in state.past_limit.items():
+            # It ended after its task passed the Celery time limit and before the
+            # guard's own threshold: Celery's hard time limit handled it (B11).
+            self._record(
+                IncidentKind.HANG,
+                key,
+                None,
+                f"{name} ran past its Celery time limit; Celery ended it, the guard sent nothing",
+                {},
+                Outcome.CELERY_HANDLED,
+                task=(name, task_id),
+            )
+
+    def _runs_tasks(self, info: ProcessInfo) -> bool:
+        """A solo or threads master runs tasks itself: hangs there are reported."""
+        settings = self._settings.get(info.pid)
+        return settings is not None and settings.get("_pool") in ("solo", "threads")
+
+    # -- masters and the self-check ----------------------------------------------------------
+
+    def _note_masters(self, view: GuardView, by_pid: dict[int, ProcessInfo]) -> None:
+        for info in view.tracked:
+            if info.role is Role.MASTER and info.pid not in self._masters:
+                with contextlib.suppress(_procs.Vanished, OSError):
+                    self._masters[info.pid] = (info.start_ticks, _procs.owner_uid(info.pid))
+        for worker in view.workers:
+            master = by_pid.get(worker.pid)
+            if master is None or master.start_ticks != worker.start_ticks:
+                continue
+            settings = dict(worker.settings or {})
+            settings["_pool"] = worker.pool
+            self._settings[worker.pid] = settings
+            key = (worker.pid, worker.start_ticks)
+            if key not in self._checked:
+                self._checked.add(key)
+                self._self_check(master, worker)
+
+    def _self_check(self, master: ProcessInfo, worker: WorkerInfo) -> None:
+        findings = []
+        if worker.settings is not None:
+            findings += selfcheck.check_settings(worker.settings)
+        findings += selfcheck.check_process_manager(master.pid)
+        if self.config.hang.enabled and self.config.hang.stack in ("auto", "py-spy"):
+            found = selfcheck.check_ptrace(master.pid)
+            if found is not None:
+                findings.append(found)
+        for finding in findings:
+            if finding.severity == "warning":
+                log.warning("self-check: %s; fix: %s", finding.message, finding.fix)
+            else:
+                log.info("self-check: %s", finding.message)
+            self._record(
+                IncidentKind.CONFIG,
+                (master.pid, master.start_ticks),
+                master.pid,
+                f"{finding.message}; fix: {finding.fix}",
+                {"key": finding.key, "severity": finding.severity},
+                Outcome.REPORTED,
+            )
+
+    def _task_setting(self, master_pid: int | None, name: str, key: str) -> Any:
+        settings = self._settings.get(master_pid or -1)
+        if settings is None:
+            return None
+        per_task = (settings.get("tasks") or {}).get(name) or {}
+        if key in per_task:
+            return per_task[key]
+        return settings.get(f"task_{key}")
+
+    # -- hangs ----------------------------------------------------------------------------
+
+    def _hang_threshold(self, master_pid: int, name: str) -> tuple[float, str, float | None]:
+        """Seconds after which a call of ``name`` is hung, why, and its time limit."""
+        h = self.config.hang
+        limit = self._task_setting(master_pid, name, "time_limit")
+        if isinstance(limit, int | float) and limit > 0:
+            return (
+                float(limit) * h.time_limit_factor,
+                f"{h.time_limit_factor:g} x its time limit",
+                float(limit),
+            )
+        p99 = self.durations.p99(name)
+        if p99 is not None and self.durations.count(name) >= h.min_history:
+            usual = h.factor * p99
+            if usual > h.min_seconds:
+                return usual, f"{h.factor:g} x its p99 of {p99:.3g} s", None
+        return h.min_seconds, "hang.min_seconds", None
+
+    def _check_hang(
+        self,
+        info: ProcessInfo,
+        state: _Proc,
+        running: tuple[RunningTask, ...],
+        beat: float | None,
+        now: float,
+    ) -> None:
+        h = self.config.hang
+        if beat != state.beat:
+            state.beat, state.beat_changed = beat, now
+        ids = {task.task_id for task in running}
+        for task_id in [t for t in state.task_seen if t not in ids]:
+            del state.task_seen[task_id]
+            state.past_limit.pop(task_id, None)
+        if not h.enabled or not running or state.incident is not None:
+            return
+        for task in running:
+            first = state.task_seen.setdefault(
+                task.task_id, now - max(0.0, time.time() - task.since)
+            )
+            runtime = now - first
+            threshold, why, limit = self._hang_threshold(info.master_pid, task.name)
+            if limit is not None and runtime > limit:
+                state.past_limit[task.task_id] = task.name
+            if runtime > threshold:
+                reason = f"{task.name} has run {runtime:.0f} s, past {threshold:.0f} s ({why})"
+                numbers = {"runtime_seconds": round(runtime, 3), "threshold_seconds": threshold}
+                self._hang(info, state, task, reason, numbers, now)
+                return
+        stalled = now - state.beat_changed
+        if beat is not None and stalled > h.stalled_seconds:
+            task = running[0]
+            reason = (
+                f"no heartbeat for {stalled:.0f} s while running {task.name} "
+                "(the GIL held in C code, or the process stopped)"
+            )
+            numbers = {"silent_seconds": round(stalled, 3), "threshold_seconds": h.stalled_seconds}
+            self._hang(info, state, task, reason, numbers, now)
+
+    def _hang(
+        self,
+        info: ProcessInfo,
+        state: _Proc,
+        task: RunningTask,
+        reason: str,
+        numbers: dict[str, Any],
+        now: float,
+    ) -> None:
+        if info.role is Role.MASTER:  # solo/threads: the worker itself; report with the stack
+            key = f"hang:{task.task_id}"
+            if key not in state.reported:
+                state.reported.add(key)
+                stack = self._stack(info)
+                self._record(
+                    IncidentKind.HANG,
+                    (info.pid, info.start_ticks),
+                    info.pid,
+                    reason + "; a solo/threads worker runs tasks in its master: restart it",
+                    numbers,
+                    Outcome.REPORTED,
+                    task=(task.name, task.task_id),
+                    stack=stack.stored(),
+                )
+            return
+        self._hard(info, state, IncidentKind.HANG, reason, numbers, now, task=task, with_stack=True)
+
+    def _stack(self, info: ProcessInfo) -> _stacks.Stack:
+        target = self._target(info)
+        if target is None:
+            return _stacks.Stack(None, None, "the process is no longer ours to read")
+        try:
+            h = self.config.hang
+            return _stacks.capture(self.signaller, target, h.stack, h.stack_timeout_seconds)
+        finally:
+            target.close()
+
+    # -- memory ------------------------------------------------------------------------------
+
+    def _metric(self, info: ProcessInfo, sample: Sample) -> float | None:
+        """The current private memory: USS (or PSS). RSS bounds both from above, so
+        only a process whose RSS is over a threshold costs an smaps read now."""
+        m = self.config.memory
+        floor = min(
+            x for x in (m.child_soft_mib, m.child_hard_mib, m.master_budget_mib, 1e12) if x > 0
+        )
+        if sample.rss_bytes < floor * _MIB:
+            return float(sample.rss_bytes)
+        try:
+            smaps = _procs.read_smaps(info.pid)
+        except (_procs.Vanished, PermissionError):
+            value = sample.uss_bytes if m.metric == "uss" else sample.pss_bytes
+            return float(value) if value is not None else None
+        return float(smaps.uss_bytes if m.metric == "uss" else smaps.pss_bytes)
+
+    def _check_memory(
+        self,
+        info: ProcessInfo,
+        state: _Proc,
+        sample: Sample,
+        now: float,
+    ) -> None:
+        m = self.config.memory
+        if info.role is Role.DESCENDANT or sample.t == state.last_sample_t:
+            return  # what a task spawned is not a pool child; one reading per sweep
+        if state.soft.threshold <= 0 and state.hard.threshold <= 0:
+            return
+        state.last_sample_t = sample.t
+        value = self._metric(info, sample)
+        if value is None:
+            return
+        state.readings.append((now, value))
+        soft, hard = state.soft.reading(value), state.hard.reading(value)
+        mib = round(value / _MIB, 1)
+        numbers: dict[str, Any] = {
+            f"{m.metric}_mib": mib,
+            "rss_mib": round(sample.rss_bytes / _MIB, 1),
+            "peak_rss_mib": round(sample.rss_peak_bytes / _MIB, 1)
+            if sample.rss_peak_bytes
+            else None,
+        }
+        if info.role is Role.MASTER:
+            if hard and "master-memory" not in state.reported:
+                state.reported.add("master-memory")
+                self._master_over(info, state, value, numbers, now)
+            elif not hard:
+                state.reported.discard("master-memory")
+            return
+        if state.incident is not None:
+            return
+        running = self._running_task(info)
+        if hard:
+            numbers["threshold_mib"] = m.child_hard_mib
+            reason = (
+                f"{m.metric.upper()} {mib} MiB is over the hard threshold of "
+                f"{m.child_hard_mib:g} MiB"
+            )
+            self._hard(info, state, IncidentKind.MEMORY_HARD, reason, numbers, now, task=running)
+            return
+        heading = None
+        if m.projected_horizon_seconds > 0 and m.child_hard_mib > 0:
+            heading = projected(list(state.readings), m.projected_horizon_seconds)
+        if soft or (heading is not None and heading > m.child_hard_mib * _MIB):
+            if soft:
+                numbers["threshold_mib"] = m.child_soft_mib
+                reason = (
+                    f"{m.metric.upper()} {mib} MiB is over the soft threshold of "
+                    f"{m.child_soft_mib:g} MiB"
+                )
+            else:
+                assert heading is not None
+                numbers["projected_mib"] = round(heading / _MIB, 1)
+                numbers["horizon_seconds"] = m.projected_horizon_seconds
+                reason = (
+                    f"{m.metric.upper()} {mib} MiB is heading for {heading / _MIB:.0f} MiB within "
+                    f"{m.projected_horizon_seconds:g} s, over the hard threshold"
+                )
+            self._soft(info, state, reason, numbers, now, task=running)
+
+    def _running_task(self, info: ProcessInfo) -> RunningTask | None:
+        if self._last_view is None:
+            return None
+        running, _beat = self._last_view.running.get((info.pid, info.start_ticks), ((), None))
+        return running[0] if running else None
+
+    def _master_over(
+        self, info: ProcessInfo, state: _Proc, value: float, numbers: dict[str, Any], now: float
+    ) -> None:
+        m = self.config.memory
+        numbers["budget_mib"] = m.master_budget_mib
+        reason = (
+            f"the master's {m.metric.upper()} of {value / _MIB:.0f} MiB is over its budget of "
+            f"{m.master_budget_mib:g} MiB; recycling children never fixes a master's growth"
+        )
+        if m.master_action != "warm-restart":
+            self._record(
+                IncidentKind.MASTER_MEMORY,
+                (info.pid, info.start_ticks),
+                info.pid,
+                reason + ": restart the worker (SIGTERM to the master is a warm shutdown)",
+                numbers,
+                Outcome.REPORTED,
+            )
+            return
+        self._warm_restart(info, state, reason, numbers)
+
+    # -- orphans -------------------------------------------------------------------------------
+
+    def _check_orphans(self, view: GuardView, now: float) -> None:
+        o = self.config.orphans
+        alive_masters = {(i.pid, i.start_ticks) for i in view.tracked if i.role is Role.MASTER}
+        for info in view.tracked:
+            key = (info.pid, info.start_ticks)
+            if info.role is Role.MASTER:
+                continue
+            master = self._masters.get(info.master_pid)
+            if master is None or (info.master_pid, master[0]) in alive_masters:
+                self._orphaned.pop(key, None)
+                continue
+            sample = view.latest.get(info.pid)
+            if sample is not None and sample.state == "zombie":
+                continue
+            since = self._orphaned.setdefault(key, now)
+            state = self._state(info)
+            if now - since < o.grace_seconds or state.incident is not None:
+                continue
+            try:
+                uid = _procs.owner_uid(info.pid)
+            except _procs.Vanished:
+                continue
+            numbers: dict[str, Any] = {
+                "orphaned_seconds": round(now - since, 3),
+                "master_pid": info.master_pid,
+                "role": str(info.role),
+            }
+            running = self._running_task(info)
+            reason = (
+                f"{info.role} of worker {info.master_pid}, which died "
+                f"{now - since:.0f} s ago (recorded lineage)"
+            )
+            if running is not None:
+                reason += self._redelivery_note(info.master_pid, running)
+            if uid != master[1]:
+                if f"orphan-uid:{uid}" not in state.reported:
+                    state.reported.add(f"orphan-uid:{uid}")
+                    self._record(
+                        IncidentKind.ORPHAN,
+                        key,
+                        info.master_pid,
+                        reason + f"; it belongs to uid {uid}, not the worker's: left alone",
+                        numbers,
+                        Outcome.REFUSED,
+                    )
+                continue
+            if o.action == "report":
+                if "orphan" not in state.reported:
+                    state.reported.add("orphan")
+                    self._record(
+                        IncidentKind.ORPHAN, key, info.master_pid, reason, numbers, Outcome.REPORTED
+                    )
+                continue
+            self._orphaned.pop(key, None)
+            self._escalate(info, state, IncidentKind.ORPHAN, reason, numbers, task=running)
+
+    def _redelivery_note(self, master_pid: int, task: RunningTask) -> str:
+        acks_late = self._task_setting(master_pid, task.name, "acks_late")
+        if not acks_late:
+            return f"; its task {task.name} [{task.task_id}] was acked: lost"
+        settings = dict(self._settings.get(master_pid) or {})
+        seconds = selfcheck.predict_redelivery_seconds(settings)
+        when = f" in about {seconds:.0f} s" if seconds is not None else ""
+        return (
+            f"; its acks_late task {task.name} [{task.task_id}] will be redelivered{when}: "
+            "if it finishes here too, it runs twice"
+        )
+
+    # -- acting -------------------------------------------------------------------------------
+
+    def _target(self, info: ProcessInfo) -> Target | None:
+        handle = self._handle(info.pid, info.start_ticks)
+        return Target(handle, info.role) if handle is not None else None
+
+    def _budget(self, master_pid: int) -> WorkerBudget:
+        r = self.config.recycle
+        budget = self._budgets.get(master_pid)
+        if budget is None:
+            budget = self._budgets[master_pid] = WorkerBudget(
+                r.max_parallel, r.min_interval_seconds, r.max_per_hour
+            )
+        return budget
+
+    def _serving_refusal(self, info: ProcessInfo, budget: WorkerBudget) -> str | None:
+        """At least ``min_serving`` children keep serving (a worker with a single child
+        recycles it anyway: its replacement follows at once)."""
+        view = self._last_view
+        if view is None:
+            return None
+        children = [
+            i
+            for i in view.tracked
+            if i.role is Role.CHILD
+            and i.master_pid == info.master_pid
+            and (s := view.latest.get(i.pid)) is not None
+            and s.state != "zombie"
+        ]
+        if len(children) <= 1:
+            return None
+        serving = len(children) - len(budget.in_flight) - 1
+        if serving < self.config.recycle.min_serving:
+            return f"only {serving} child(ren) would keep serving (min_serving)"
+        return None
+
+    def _soft(
+        self,
+        info: ProcessInfo,
+        state: _Proc,
+        reason: str,
+        numbers: dict[str, Any],
+        now: float,
+        *,
+        task: RunningTask | None,
+    ) -> None:
+        budget = self._budget(info.master_pid)
+        refusal = budget.refusal(now, hard=False) or self._serving_refusal(info, budget)
+        key = (info.pid, info.start_ticks)
+        if refusal is not None:
+            if "soft-refused" not in state.reported:
+                state.reported.add("soft-refused")
+                self._record(
+                    IncidentKind.MEMORY_SOFT,
+                    key,
+                    info.master_pid,
+                    f"{reason}; not now: {refusal}",
+                    numbers,
+                    Outcome.REFUSED,
+                    task=_named(task),
+                )
+            return
+        incident = self._record(
+            IncidentKind.MEMORY_SOFT,
+            key,
+            info.master_pid,
+            reason + "; asked to leave after its current task",
+            numbers,
+            Outcome.DRY_RUN if self.signaller.dry_run else Outcome.PENDING,
+            task=_named(task),
+        )
+        state.incident = incident.id
+        if self.signaller.dry_run:
+            return
+        budget.begin(incident.id, now, hard=False)
+        thread = threading.Thread(
+            target=self._soft_recycle,
+            args=(info, incident, budget),
+            name="warden-recycle",
+            daemon=True,
+        )
+        self._threads.append(thread)
+        thread.start()
+
+    def _soft_recycle(self, info: ProcessInfo, incident: Incident, budget: WorkerBudget) -> None:
+        """Ask the child's probe to leave between tasks; wait for it to go."""
+        target = self._target(info)
+        try:
+            if target is None:
+                self._finish(incident, Outcome.TARGET_GONE, "it ended before it was asked")
+                return
+            try:
+                reply = control.ask(info.pid, {"op": "recycle"}, timeout=5.0)
+            except WardenError as exc:
+                self._finish(
+                    incident,
+                    Outcome.REFUSED,
+                    f"soft recycle needs the probe's recycle ({exc}); "
+                    "the hard threshold still applies",
+                )
+                return
+            if not reply.get("accepted"):
+                self._finish(incident, Outcome.REFUSED, f"the probe refused: {reply.get('error')}")
+                return
+            # It leaves when its current task is done: wait as long as that takes.
+            while not self._stop.is_set():
+                if _procs.has_exited(target.handle, 0.5):
+                    self._finish(incident, Outcome.RECYCLED, "it left after its task")
+                    return
+            self._finish(incident, Outcome.PENDING, "the warden stopped before it left")
+        finally:
+            if target is not None:
+                target.close()
+            with self._lock:
+                budget.end(incident.id)
+
+    def _hard(
+        self,
+        info: ProcessInfo,
+        state: _Proc,
+        kind: IncidentKind,
+        reason: str,
+        numbers: dict[str, Any],
+        now: float,
+        *,
+        task: RunningTask | None,
+        with_stack: bool = False,
+    ) -> None:
+        key = (info.pid, info.start_ticks)
+        if task is not None:
+            kills = self.poison.kills(task.task_id, now)
+            if kills >= self.config.poison.max_kills:
+                if f"poison:{task.task_id}" not in state.reported:
+                    state.reported.add(f"poison:{task.task_id}")
+                    numbers = {**numbers, "kills": kills, "window_seconds": self.poison.window}
+                    self._record(
+                        IncidentKind.POISON,
+                        key,
+                        info.master_pid,
+                        f"task {task.name} [{task.task_id}] had its child killed {kills} times "
+                        f"in {self.poison.window:g} s: reported, not killed again ({reason})",
+                        numbers,
+                        Outcome.REFUSED,
+                        task=_named(task),
+                    )
+                return
+        budget = self._budget(info.master_pid)
+        refusal = budget.refusal(now, hard=True) or self._serving_refusal(info, budget)
+        if refusal is not None:
+            if f"refused:{kind}" not in state.reported:
+                state.reported.add(f"refused:{kind}")
+                self._record(
+                    kind,
+                    key,
+                    info.master_pid,
+                    f"{reason}; not now: {refusal}",
+                    numbers,
+                    Outcome.REFUSED,
+                    task=_named(task),
+                )
+            return
+        state.reported.discard(f"refused:{kind}")
+        if task is not None:
+            reason += self._loss_note(info.master_pid, task)
+            if not self.signaller.dry_run:
+                self.poison.add(task.task_id, now)
+        stack = self._stack(info).stored() if with_stack else None
+        self._escalate(info, state, kind, reason, numbers, task=task, stack=stack, budget=budget)
+
+    def _loss_note(self, master_pid: int, task: RunningTask) -> str:
+        acks_late = self._task_setting(master_pid, task.name, "acks_late")
+        reject = self._task_setting(master_pid, task.name, "reject_on_worker_lost")
+        if acks_late and reject:
+            return (
+                f"; {task.name} [{task.task_id}] will be redelivered "
+                "(acks_late + reject_on_worker_lost)"
+            )
+        if self._settings.get(master_pid) is None:
+            return (
+                f"; {task.name} [{task.task_id}] is lost unless acks_late + reject_on_worker_lost"
+            )
+        return f"; task_lost: {task.name} [{task.task_id}] (Celery acks a task whose child died)"
+
+    def _escalate(
+        self,
+        info: ProcessInfo,
+        state: _Proc,
+        kind: IncidentKind,
+        reason: str,
+        numbers: dict[str, Any],
+        *,
+        task: RunningTask | None,
+        stack: str | None = None,
+        budget: WorkerBudget | None = None,
+    ) -> None:
+        """TERM, then KILL after the grace unless it exited: on a thread of its own, so
+        the KILL lands on time whatever the tick is doing."""
+        grace = self.config.recycle.grace_seconds
+        dry = self.signaller.dry_run
+        incident = self._record(
+            kind,
+            (info.pid, info.start_ticks),
+            info.master_pid,
+            reason,
+            {**numbers, "grace_seconds": grace},
+            Outcome.DRY_RUN if dry else Outcome.PENDING,
+            task=_named(task),
+            stack=stack,
+            deadline=None if dry else time.time() + grace,
+        )
+        state.incident = incident.id
+        if budget is not None and not dry:
+            budget.begin(incident.id, self._clock(), hard=True)
+        thread = threading.Thread(
+            target=self._terminate,
+            args=(info, incident, budget),
+            name="warden-escalate",
+            daemon=True,
+        )
+        self._threads.append(thread)
+        thread.start()
+
+    def _terminate(
+        self,
+        info: ProcessInfo,
+        incident: Incident,
+        budget: WorkerBudget | None,
+        kill_at: float | None = None,
+    ) -> None:
+        target = self._target(info)
+        try:
+            if target is None:
+                self._finish(incident, Outcome.TARGET_GONE, "it ended before any signal")
+                return
+            grace = self.config.recycle.grace_seconds
+            if kill_at is None:
+                sent_at = time.monotonic()
+                result = self.signaller.send(target, signal.SIGTERM, incident_id=incident.id)
+                if result == "dry-run":
+                    return
+                if result != "sent":
+                    outcome = Outcome.TARGET_GONE if result == "gone" else Outcome.FAILED
+                    self._finish(incident, outcome, f"SIGTERM {result}")
+                    return
+                kill_at = sent_at + grace
+            if _procs.has_exited(target.handle, max(0.0, kill_at - time.monotonic())):
+                ms = round((time.monotonic() - kill_at + grace) * 1000)
+                self._finish(
+                    incident, Outcome.TERMINATED, "it exited on SIGTERM", exited_after_term_ms=ms
+                )
+                return
+            result = self.signaller.send(target, signal.SIGKILL, incident_id=incident.id)
+            if result == "gone":
+                self._finish(incident, Outcome.TERMINATED, "it exited as the grace ended")
+            elif result == "sent":
+                _procs.has_exited(target.handle, 5.0)
+                self._finish(incident, Outcome.KILLED, f"no exit within {grace:g} s of SIGTERM")
+            else:
+                self._finish(incident, Outcome.FAILED, f"SIGKILL {result}")
+        finally:
+            if target is not None:
+                target.close()
+            if budget is not None:
+                with self._lock:
+                    budget.end(incident.id)
+
+    def _warm_restart(
+        self, info: ProcessInfo, state: _Proc, reason: str, numbers: dict[str, Any]
+    ) -> None:
+        """TERM to the master only (warm shutdown: running tasks finish and are acked),
+        then after the grace KILL what is left of its tree (B14)."""
+        incident = self._record(
+            IncidentKind.MASTER_MEMORY,
+            (info.pid, info.start_ticks),
+            info.pid,
+            reason + "; warm restart: SIGTERM to the master only",
+            numbers,
+            Outcome.DRY_RUN if self.signaller.dry_run else Outcome.PENDING,
+            deadline=None
+            if self.signaller.dry_run
+            else time.time() + self.config.recycle.grace_seconds,
+        )
+        state.incident = incident.id
+        thread = threading.Thread(
+            target=self._warm_restart_run, args=(info, incident), name="warden-warm", daemon=True
+        )
+        self._threads.append(thread)
+        thread.start()
+
+    def _warm_restart_run(self, info: ProcessInfo, incident: Incident) -> None:
+        target = self._target(info)
+        if target is None:
+            self._finish(incident, Outcome.TARGET_GONE, "it ended before any signal")
+            return
+        try:
+            result = self.signaller.send(target, signal.SIGTERM, incident_id=incident.id)
+            if result != "sent":
+                if result != "dry-run":
+                    self._finish(
+                        incident,
+                        Outcome.TARGET_GONE if result == "gone" else Outcome.FAILED,
+                        f"SIGTERM {result}",
+                    )
+                return
+            grace = self.config.recycle.grace_seconds
+            if _procs.has_exited(target.handle, grace):
+                self._finish(incident, Outcome.TERMINATED, "the worker shut down warmly")
+                return
+            view = self._last_view
+            tree = [i for i in (view.tracked if view else []) if i.master_pid == info.pid]
+            for member in sorted(tree, key=lambda i: i.role is Role.MASTER):
+                other = self._target(member)
+                if other is not None:
+                    try:
+                        self.signaller.send(other, signal.SIGKILL, incident_id=incident.id)
+                    finally:
+                        other.close()
+            self._finish(
+                incident, Outcome.KILLED, f"the worker was still there {grace:g} s after SIGTERM"
+            )
+        finally:
+            target.close()
+
+    # -- records -----------------------------------------------------------------------------
+
+    def _record(
+        self,
+        kind: IncidentKind,
+        key: tuple[int, int],
+        master_pid: int | None,
+        reason: str,
+        numbers: dict[str, Any],
+        outcome: Outcome,
+        *,
+        task: tuple[str, str] | None = None,
+        stack: str | None = None,
+        deadline: float | None = None,
+    ) -> Incident:
+        incident = Incident(
+            id=uuid.uuid4().hex,
+            kind=kind,
+            pid=key[0],
+            start_ticks=key[1],
+            master_pid=master_pid,
+            t=time.time(),
+            reason=reason,
+            numbers=numbers,
+            outcome=outcome,
+            dry_run=self.signaller.dry_run,
+            task_name=task[0] if task else None,
+            task_id=task[1] if task else None,
+            stack=stack,
+            ended_at=time.time() if outcome not in (Outcome.PENDING,) else None,
+            deadline=deadline,
+        )
+        level = (
+            logging.INFO
+            if outcome in (Outcome.REPORTED, Outcome.CELERY_HANDLED)
+            else logging.WARNING
+        )
+        log.log(level, "%s PID %d: %s [%s]", kind, key[0], reason, outcome)
+        self.recorder.incident(incident)
+        return incident
+
+    def _finish(self, incident: Incident, outcome: Outcome, why: str, **numbers: Any) -> None:
+        done = replace(
+            incident,
+            outcome=outcome,
+            ended_at=time.time(),
+            numbers={**incident.numbers, **numbers, "outcome_detail": why},
+        )
+        log.warning("%s PID %d: %s (%s)", incident.kind, incident.pid, outcome, why)
+        self.recorder.incident(done)
+        with self._lock:
+            state = self._procs.get((incident.pid, incident.start_ticks))
+            if (
+                state is not None
+                and state.incident == incident.id
+                and outcome is not Outcome.PENDING
+            ):
+                state.incident = None
+
+    # -- after a restart ------------------------------------------------------------------
+
+    def _resume_pending(self) -> None:
+        """Escalations a previous warden left half-done (it was killed between TERM and
+        KILL): resumed only on the very same process (PID and start time), never on a
+        PID that now names another (F26)."""
+        for incident in self.recorder.pending():
+            if incident.dry_run:
+                continue
+            try:
+                alive = _procs.read_stat(incident.pid).start_ticks == incident.start_ticks
+            except (_procs.Vanished, PermissionError):
+                alive = False
+            if not alive or incident.deadline is None:
+                self._finish(incident, Outcome.TARGET_GONE, "gone when the warden restarted")
+                continue
+            thread = threading.Thread(
+                target=self._resume_one, args=(incident,), name="warden-resume", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    def _resume_one(self, incident: Incident) -> None:
+        """Wait until the session has discovered the process (its pidfd verified) and
+        its deadline has passed, then finish the escalation with KILL."""
+        info: ProcessInfo | None = None
+        for _ in range(100):
+            view = self._view()
+            info = next(
+                (
+                    i
+                    for i in view.tracked
+                    if (i.pid, i.start_ticks) == (incident.pid, incident.start_ticks)
+                ),
+                None,
+            )
+            if info is not None or self._stop.wait(0.1):
+                break
+        if info is None:
+            self._finish(
+                incident, Outcome.TARGET_GONE, "not found in any watched tree after restart"
+            )
+            return
+        kill_at = time.monotonic() + max(0.0, (incident.deadline or 0.0) - time.time())
+        self._terminate(info, incident, None, kill_at=kill_at)
+
+
+def _named(task: RunningTask | None) -> tuple[str, str] | None:
+    return (task.name, task.task_id) if task is not None else None
