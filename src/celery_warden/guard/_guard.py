@@ -243,6 +243,8 @@ class Guard:
                     self._check_hang(info, state, running, beat, now)
                 if sample is not None:
                     self._check_memory(info, state, sample, now)
+                if info.role is Role.DESCENDANT and info.ppid == info.master_pid:
+                    self._foreign(info, state)
             self._check_orphans(view, now)
 
     def _state(self, info: ProcessInfo) -> _Proc:
@@ -308,10 +310,6 @@ class Guard:
             if found is not None:
                 findings.append(found)
         for finding in findings:
-            if finding.severity == "warning":
-                log.warning("self-check: %s; fix: %s", finding.message, finding.fix)
-            else:
-                log.info("self-check: %s", finding.message)
             self._record(
                 IncidentKind.CONFIG,
                 (master.pid, master.start_ticks),
@@ -425,6 +423,22 @@ class Guard:
             return _stacks.capture(self.signaller, target, h.stack, h.stack_timeout_seconds)
         finally:
             target.close()
+
+    def _foreign(self, info: ProcessInfo, state: _Proc) -> None:
+        """A direct child of the master that is not a pool child: a pool child that
+        exec'd something else (A4). Never recycled as a pool child; reported once."""
+        if "foreign" in state.reported:
+            return
+        state.reported.add("foreign")
+        self._record(
+            IncidentKind.FOREIGN,
+            (info.pid, info.start_ticks),
+            info.master_pid,
+            f"foreign process in worker tree: {info.cmdline[:120]!r} is a child of the master "
+            "but no longer a pool child (it exec'd); the guard does not recycle it",
+            {"ppid": info.ppid},
+            Outcome.REPORTED,
+        )
 
     # -- memory ------------------------------------------------------------------------------
 
@@ -655,7 +669,9 @@ class Guard:
         refusal = budget.refusal(now, hard=False) or self._serving_refusal(info, budget)
         key = (info.pid, info.start_ticks)
         if refusal is not None:
-            if "soft-refused" not in state.reported:
+            if _transient(refusal):
+                log.debug("%s PID %d waits: %s", IncidentKind.MEMORY_SOFT, info.pid, refusal)
+            elif "soft-refused" not in state.reported:
                 state.reported.add("soft-refused")
                 self._record(
                     IncidentKind.MEMORY_SOFT,
@@ -754,7 +770,9 @@ class Guard:
         budget = self._budget(info.master_pid)
         refusal = budget.refusal(now, hard=True) or self._serving_refusal(info, budget)
         if refusal is not None:
-            if f"refused:{kind}" not in state.reported:
+            if _transient(refusal):
+                log.debug("%s PID %d waits: %s", kind, info.pid, refusal)
+            elif f"refused:{kind}" not in state.reported:
                 state.reported.add(f"refused:{kind}")
                 self._record(
                     kind,
@@ -1032,6 +1050,13 @@ class Guard:
             return
         kill_at = time.monotonic() + max(0.0, (incident.deadline or 0.0) - time.time())
         self._terminate(info, incident, None, kill_at=kill_at)
+
+
+def _transient(refusal: str) -> bool:
+    """A refusal that lifts by itself within seconds (another recycle in flight, the
+    spacing between hard ones, the last serving child): retried at the next tick, not
+    an incident. Only the hourly rate limit is worth a record."""
+    return "max_per_hour" not in refusal
 
 
 def _named(task: RunningTask | None) -> tuple[str, str] | None:
