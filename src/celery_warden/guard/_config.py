@@ -85,10 +85,13 @@ class HangPolicy:
     """When a running task counts as hung, and what is captured before the kill."""
 
     enabled: bool = True
-    # Hung past max(min_seconds, factor x the name's p99 duration); names seen fewer than
-    # min_history times use min_seconds alone. min_seconds > 0; factor >= 1 (below, a
-    # task's usual duration would count as hung); min_history >= 1.
-    min_seconds: float = 600.0
+    # A name seen at least min_history times is hung past max(history_min_seconds,
+    # factor x its p99 duration); a name with less history (and no Celery time limit)
+    # only past min_seconds, a cautious default: a long batch job seen for the first
+    # time must not be killed. Both > 0; factor >= 1 (below, a task's usual duration
+    # would count as hung); min_history >= 1.
+    min_seconds: float = 1800.0
+    history_min_seconds: float = 60.0
     factor: float = 10.0
     min_history: int = 20
     # >= 1: a task with a Celery time limit is left to Celery until limit x this factor.
@@ -98,6 +101,9 @@ class HangPolicy:
     stalled_seconds: float = 120.0
     stack: str = "auto"  # "auto" (py-spy, else faulthandler), "py-spy", "faulthandler", "none"
     stack_timeout_seconds: float = 10.0  # > 0: longest wait for the stack before the kill
+    # >= 0: a prefork master whose children all sat idle this long while its queues hold
+    # messages has stopped consuming: reported (0: off).
+    master_idle_seconds: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,10 +180,15 @@ _RULES: dict[str, _Rule] = {
     "recycle.min_interval_seconds": _Rule("between two hard recycles in one worker"),
     "recycle.max_per_hour": _Rule("recycles of one worker per hour; beyond, report only", low=1),
     "hang.enabled": _Rule("false: no task is ever treated as hung"),
-    "hang.min_seconds": _Rule("no task counts as hung before it ran this long", strict=True),
+    "hang.min_seconds": _Rule(
+        "a task name with too little history is hung only past this", strict=True
+    ),
+    "hang.history_min_seconds": _Rule(
+        "no task with history counts as hung before it ran this long", strict=True
+    ),
     "hang.factor": _Rule("hung past factor x the task name's p99 duration", low=1),
     "hang.min_history": _Rule(
-        "runs of a task name before its p99 counts; fewer: min_seconds alone", low=1
+        "runs of a task name before its p99 counts; fewer: min_seconds", low=1
     ),
     "hang.time_limit_factor": _Rule(
         "a task with a Celery time limit is left to Celery until limit x this", low=1
@@ -188,6 +199,10 @@ _RULES: dict[str, _Rule] = {
     "hang.stack": _Rule(
         'stack captured before the kill: "auto", "py-spy", "faulthandler" or "none"',
         choices=("auto", "py-spy", "faulthandler", "none"),
+    ),
+    "hang.master_idle_seconds": _Rule(
+        "a master whose children all idled this long while its queues hold work (0: off)",
+        off=True,
     ),
     "hang.stack_timeout_seconds": _Rule(
         "longest wait for the stack before killing anyway", strict=True

@@ -172,6 +172,8 @@ class Guard:
         self._orphaned: dict[tuple[int, int], float] = {}  # first seen orphaned (mono)
         self._checked: set[tuple[int, int]] = set()  # masters self-checked
         self._settings: dict[int, dict[str, Any]] = {}  # master pid -> app settings
+        self._last_work: dict[int, float] = {}  # master pid -> when a child last worked
+        self._worked: set[int] = set()  # pids that finished a call since the last tick
         self._lock = threading.Lock()  # tick() against escalation threads' callbacks
         self._threads: list[threading.Thread] = []
         self._last_view: GuardView | None = None
@@ -200,6 +202,7 @@ class Guard:
     def on_task(self, message: TaskFinished) -> None:
         """Learn how long each task name takes (the session calls this per call)."""
         self.durations.add(message.name, message.wall_seconds)
+        self._worked.add(message.pid)
 
     def orphans_pending(self) -> bool:
         """Whether orphans are waiting for their grace or being killed (``run`` waits
@@ -246,6 +249,7 @@ class Guard:
                 if info.role is Role.DESCENDANT and info.ppid == info.master_pid:
                     self._foreign(info, state)
             self._check_orphans(view, now)
+            self._check_consuming(view, now)
 
     def _state(self, info: ProcessInfo) -> _Proc:
         key = (info.pid, info.start_ticks)
@@ -343,9 +347,10 @@ class Guard:
         p99 = self.durations.p99(name)
         if p99 is not None and self.durations.count(name) >= h.min_history:
             usual = h.factor * p99
-            if usual > h.min_seconds:
+            if usual > h.history_min_seconds:
                 return usual, f"{h.factor:g} x its p99 of {p99:.3g} s", None
-        return h.min_seconds, "hang.min_seconds", None
+            return h.history_min_seconds, "hang.history_min_seconds", None
+        return h.min_seconds, "hang.min_seconds: too little history for this name", None
 
     def _check_hang(
         self,
@@ -548,6 +553,74 @@ class Guard:
             )
             return
         self._warm_restart(info, state, reason, numbers)
+
+    # -- a master that stopped consuming -------------------------------------------------
+
+    def _check_consuming(self, view: GuardView, now: float) -> None:
+        """A prefork master whose children all sat idle for ``master_idle_seconds`` is
+        asked (on a thread: it may not answer) how many messages wait in its queues."""
+        idle_limit = self.config.hang.master_idle_seconds
+        worked, self._worked = self._worked, set()
+        if idle_limit <= 0:
+            return
+        busy: set[int] = set()
+        for info in view.tracked:
+            if info.role is not Role.CHILD:
+                continue
+            running, _beat = view.running.get((info.pid, info.start_ticks), ((), None))
+            if running or info.pid in worked:
+                busy.add(info.master_pid)
+        for info in view.tracked:
+            if info.role is not Role.MASTER or self._runs_tasks(info):
+                continue
+            if info.pid in busy or info.pid not in self._last_work:
+                self._last_work[info.pid] = now
+                self._state(info).reported.discard("stuck")
+                continue
+            state = self._state(info)
+            if now - self._last_work[info.pid] < idle_limit or "stuck" in state.reported:
+                continue
+            state.reported.add("stuck")  # asked once per idle spell
+            idle = now - self._last_work[info.pid]
+            thread = threading.Thread(
+                target=self._ask_queues, args=(info, idle), name="warden-queues", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    def _ask_queues(self, info: ProcessInfo, idle: float) -> None:
+        key = (info.pid, info.start_ticks)
+        numbers: dict[str, Any] = {"idle_seconds": round(idle, 1)}
+        try:
+            reply = control.ask(info.pid, {"op": "queues"}, timeout=10.0)
+        except control.NoProbe:
+            return  # without the probe the queues cannot be read: nothing to say
+        except WardenError as exc:
+            self._record(
+                IncidentKind.MASTER_STUCK,
+                key,
+                info.pid,
+                f"every child idle for {idle:.0f} s and the master does not answer ({exc}): "
+                "it may be blocked; its stack: `py-spy dump --pid "
+                f"{info.pid}`; restart the worker",
+                numbers,
+                Outcome.REPORTED,
+            )
+            return
+        depths = {str(k): v for k, v in (reply.get("queues") or {}).items() if isinstance(v, int)}
+        waiting = sum(depths.values())
+        if waiting <= 0:
+            return  # idle because there is nothing to do
+        numbers.update({"waiting_messages": waiting, "queues": ", ".join(sorted(depths))})
+        self._record(
+            IncidentKind.MASTER_STUCK,
+            key,
+            info.pid,
+            f"every child idle for {idle:.0f} s while {waiting} message(s) wait in its queues: "
+            "the master stopped consuming; restart the worker (SIGTERM to the master)",
+            numbers,
+            Outcome.REPORTED,
+        )
 
     # -- orphans -------------------------------------------------------------------------------
 
