@@ -16,6 +16,7 @@ from celery_warden.commands._common import (
     seconds_option,
     store_option,
 )
+from celery_warden.exceptions import ProcessNotFound
 from celery_warden.guard import attach_guard, dump_config, guard_config
 from celery_warden.runner import resolve_masters, watch_workers
 from celery_warden.session import Session
@@ -73,7 +74,10 @@ def command(
         return 0
     for pid in pids:
         if pid <= 0:
-            raise click.BadParameter(f"{pid} is not a process ID", param_hint="--pid")
+            raise ProcessNotFound(
+                f"--pid {pid} names no single process (0 and negative PIDs mean process "
+                "groups, -1 every process); pass the PID of a `celery ... worker` master"
+            )
     masters = resolve_masters(pids, pattern)  # fail before touching the store
     store = Store.open(resolve_store(store_path))
     try:

@@ -456,11 +456,18 @@ class Guard:
         )
         if sample.rss_bytes < floor * _MIB:
             return float(sample.rss_bytes)
+        handle = self._handle(info.pid, info.start_ticks)
+        if handle is None:
+            return None
         try:
             smaps = _procs.read_smaps(info.pid)
+            if _procs.has_exited(handle):
+                return None  # the figures may be of a process that took over the PID
         except (_procs.Vanished, PermissionError):
             value = sample.uss_bytes if m.metric == "uss" else sample.pss_bytes
             return float(value) if value is not None else None
+        finally:
+            handle.close()
         return float(smaps.uss_bytes if m.metric == "uss" else smaps.pss_bytes)
 
     def _check_memory(

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from celery_warden import stackdump
+from celery_warden import _procs, stackdump
 from celery_warden.guard.signals import Signaller, Target
 from celery_warden.probe._stack import STACK_SIGNAL
 
@@ -88,8 +88,14 @@ def capture(signaller: Signaller, target: Target, method: str, timeout: float) -
         return Stack(None, None, "stack capture is turned off (hang.stack = none)")
     reasons = []
     if method in ("auto", "py-spy"):
+        # py-spy takes a bare PID: checked through the pidfd before and after, so the
+        # stacks of a process that took over the PID are never stored as this one's.
+        if _procs.has_exited(target.handle):
+            return Stack(None, None, "it exited before its stack was read")
         # A dry run reads without pausing the process (py-spy --nonblocking).
         text, why = _py_spy(target.pid, timeout, nonblocking=signaller.dry_run)
+        if _procs.has_exited(target.handle):
+            return Stack(None, None, "it exited while its stack was read")
         if text:
             return Stack(text, "py-spy")
         reasons.append(why)
