@@ -1,4 +1,4 @@
-"""What the probe gives the guard, in real prefork workers on Redis: a soft recycle that
+"""What the probe gives the guard, in real workers on Redis: a soft recycle that
 never interrupts a task, a stack dump of a child stuck in C code, and the app's settings
 for the startup self-check."""
 
@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,22 +56,17 @@ def _line(name: str) -> int:
 
 @dataclass
 class Guarded:
-    """A prefork worker of the guard app, and what its probe said, as the warden hears it."""
+    """A worker of the guard app, and what its probe said, as the warden hears it."""
 
     worker: subprocess.Popen[bytes]
     queue: str
     control_dir: Path
     log: Path
-    messages: list[wire.Message] = field(default_factory=list)
-    live: LiveView = field(default_factory=LiveView)
-    send_task: Callable[..., Any] | None = None
-
-    def deliver(self, message: wire.Message) -> None:
-        self.messages.append(message)
-        self.live.update(message)
+    messages: list[wire.Message]  # every probe message, in order
+    live: LiveView  # fed the same messages, as the warden's session feeds its own
+    send_task: Callable[..., Any]
 
     def send(self, name: str, *args: object) -> None:
-        assert self.send_task is not None
         self.send_task(name, args=args, queue=self.queue)
 
     def ask(self, pid: int, request: dict[str, Any]) -> dict[str, Any]:
@@ -116,11 +111,14 @@ def guarded(
     queue: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> Iterator[Guarded]:
-    """A prefork worker with two children under the probe, heard by a listener here;
-    the control directory is the test's own (the test process looks there too)."""
+    """A worker under the probe (prefork with two children, or the pool the test asks
+    for indirectly), heard by a listener here; the control directory is the test's own
+    (the test process looks there too)."""
     from celery import Celery
 
+    pool = getattr(request, "param", "prefork")
     control_dir = tmp_path / "ctl"
     monkeypatch.setenv(CONTROL_DIR_ENV, str(control_dir))
     env = worker_env(BROKERS["redis"])
@@ -132,25 +130,34 @@ def guarded(
     log = tmp_path / "worker.log"
     argv = [
         sys.executable, "-m", "celery", "-A", "warden_guard", "worker",
-        "--pool", "prefork", "-c", "2", "-Q", queue, "-n", f"{queue}@%h", "-l", "info",
+        "--pool", pool, "-c", "2", "-Q", queue, "-n", f"{queue}@%h", "-l", "info",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
+    messages: list[wire.Message] = []
+    live = LiveView()
+
+    def deliver(message: wire.Message) -> None:  # as the warden's session does
+        messages.append(message)
+        live.update(message)
+
+    # Listening before the worker starts, so not even its first words are missed.
+    listener = ProbeListener(env[SOCKET_ENV], deliver)
+    listener.start()
     client = Celery("warden_guard_client", broker=BROKERS["redis"])
     client.conf.broker_connection_retry_on_startup = True
-    with log.open("wb") as out:
-        guarded = Guarded(
-            spawn(argv, env=env, stdout=out, stderr=subprocess.STDOUT), queue, control_dir, log
-        )
-    guarded.send_task = client.send_task
-    listener = ProbeListener(env[SOCKET_ENV], guarded.deliver)
-    listener.start()
     try:
-        wait_until(lambda: len(guarded.children()) == 2, what="two pool children")
+        with log.open("wb") as out:
+            worker = spawn(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        guarded = Guarded(worker, queue, control_dir, log, messages, live, client.send_task)
         wait_until(guarded.live.workers, what="the master's word")
-        # The children listen once they have announced themselves: wait for both sockets.
+        # Each process listens once it has announced itself: wait for the sockets.
+        expected = 2 if pool == "prefork" else 0
+        wait_until(lambda: len(guarded.children()) >= expected, what="the pool children")
         wait_until(
-            lambda: all((control_dir / socket_name(p)).exists() for p in guarded.children()),
-            what="the children's control sockets",
+            lambda: all(
+                (control_dir / socket_name(p)).exists() for p in [worker.pid, *guarded.children()]
+            ),
+            what="the control sockets",
         )
         yield guarded
     finally:
@@ -158,15 +165,14 @@ def guarded(
         client.close()
 
 
-def _exited_within(pid: int, timeout: float) -> float | None:
-    """Seconds until ``pid`` exits (its pidfd becomes readable), or None."""
-    started = time.monotonic()
+@contextlib.contextmanager
+def _pidfd(pid: int) -> Iterator[int]:
+    """A pidfd of ``pid``: it becomes readable when the process exits, even once reaped."""
     fd = os.pidfd_open(pid)
     try:
-        ready = select.select([fd], [], [], timeout)[0]
+        yield fd
     finally:
         os.close(fd)
-    return time.monotonic() - started if ready else None
 
 
 def test_a_busy_child_asked_to_recycle_finishes_its_task_then_leaves(guarded: Guarded) -> None:
@@ -208,17 +214,18 @@ def test_a_busy_child_asked_to_recycle_finishes_its_task_then_leaves(guarded: Gu
 
 
 def test_an_idle_child_asked_to_recycle_leaves_at_once(guarded: Guarded) -> None:
-    """An idle child blocks reading its job pipe: the request wakes it, and it is gone
-    within billiard's one second of farewell; the pool goes on serving."""
+    """An idle child blocks reading its job pipe: the request wakes it, and it leaves at
+    once (after its reply: the answer is never cut short); the pool goes on serving."""
     # GIVEN two idle children
     child, other = guarded.children()
-    # WHEN one is asked to recycle
-    reply = guarded.ask(child, {"op": "recycle"})
-    # THEN it leaves within about 1.5 s, with billiard's recycle exit code
-    elapsed = _exited_within(child, 5.0)
-    assert reply == {"accepted": True, "busy": []}
-    assert elapsed is not None
-    assert elapsed < 1.6
+    with _pidfd(child) as pidfd:
+        # WHEN one is asked to recycle
+        asked_at = time.monotonic()
+        reply = guarded.ask(child, {"op": "recycle"})
+        # THEN it answers, and leaves within 1.5 s, with billiard's recycle exit code
+        assert reply == {"accepted": True, "busy": []}
+        assert select.select([pidfd], [], [], 5.0)[0]
+        assert time.monotonic() - asked_at < 1.5
     end = wait_until(lambda: guarded.end_of(child), what="the child's exit message")
     assert isinstance(end, ProcessEnd)
     assert (end.exit_code, end.reason) == (EX_RECYCLE, EndReason.RECYCLED)
@@ -250,6 +257,30 @@ def test_a_master_cannot_recycle_and_says_so(guarded: Guarded) -> None:
     assert stackdump.has_handler(child, STACK_SIGNAL)
     assert not stackdump.has_handler(master, STACK_SIGNAL)
     assert stackdump.stack_file_for(master) is None
+
+
+@pytest.mark.parametrize("guarded", ["solo", "threads"], indirect=True)
+def test_a_master_running_the_tasks_has_the_stack_handler_but_nothing_to_recycle(
+    guarded: Guarded,
+) -> None:
+    """The solo and threads pools run tasks in the master: it gets the stack handler,
+    and recycle refuses (no billiard loop to leave; the warm restart is the way)."""
+    master = guarded.worker.pid
+    hello = guarded.ask(master, {"op": "hello"})
+    assert (hello["can_recycle"], hello["stack_signal"]) == (False, STACK_SIGNAL)
+    assert hello["stack_file"] == str(stackdump.stack_file_for(master))
+    assert stackdump.has_handler(master, STACK_SIGNAL)
+    reply = guarded.ask(master, {"op": "recycle"})
+    assert reply["accepted"] is False
+    # AND its dump shows a task it runs (one that ends: the warm shutdown waits for it)
+    guarded.send("guard.sleep_for", 3.0)
+    wait_until(lambda: guarded.running("guard.sleep_for"), what="the sleeping task")
+    path = stackdump.stack_file_for(master)
+    assert path is not None
+    offset = path.stat().st_size
+    os.kill(master, STACK_SIGNAL)
+    dump = stackdump.read_new(path, offset, timeout=5)
+    assert f'File "{GUARD_FILE}", line {_line("sleep_for")} in sleep_for' in dump, dump
 
 
 @pytest.mark.parametrize("task", ["spin_c", "wait_forever"])

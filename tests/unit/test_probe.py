@@ -6,16 +6,31 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import celery_warden
-from celery_warden._records import Heartbeat, TaskFinished, TaskStarted, TaskState
+from celery_warden import stackdump
+from celery_warden._records import (
+    EndReason,
+    Heartbeat,
+    ProcessEnd,
+    TaskFinished,
+    TaskStarted,
+    TaskState,
+    WorkerInfo,
+)
 from celery_warden.probe import SITE_DIR, wire
 from celery_warden.probe._channel import Channel
-from celery_warden.probe._hooks import Probe
+from celery_warden.probe._control import AFTER_REPLY, CONTROL_DIR_ENV
+from celery_warden.probe._hooks import Probe, worker_settings
+from celery_warden.probe._ops import operations
+from celery_warden.probe._stack import STACK_SIGNAL
 
 
 class FakeTask:
@@ -338,8 +353,6 @@ def test_the_same_task_id_in_two_threads_keeps_two_calls_apart(
 ) -> None:
     """A redelivered id running twice at once (threads pool): each call is measured on
     its own thread."""
-    import threading
-
     probe = make_probe(receiver.path)
     both_started = threading.Barrier(2, timeout=5)
 
@@ -359,3 +372,235 @@ def test_the_same_task_id_in_two_threads_keeps_two_calls_apart(
     # each found its own start: none is a postrun without a prerun (no CPU known)
     assert all(f.cpu_seconds is not None for f in finished)
     assert probe.errors == 0
+
+
+@pytest.fixture
+def control_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A control directory of this test's own."""
+    directory = tmp_path / "ctl"
+    monkeypatch.setenv(CONTROL_DIR_ENV, str(directory))
+    return directory
+
+
+@pytest.fixture
+def controlled(receiver: Receiver, control_dir: Path) -> Iterator[Probe]:
+    """A probe serving control requests in this process, closed when the test ends."""
+    probe = Probe(Channel(receiver.path), heartbeat_seconds=0, control=True)
+    yield probe
+    probe.close()
+
+
+def test_hello_says_what_this_process_offers_and_recycle_refuses_outside_a_pool_child(
+    controlled: Probe, control_dir: Path
+) -> None:
+    """Outside a billiard pool child there is no loop to leave: hello says so, and recycle
+    refuses with a reason; the stack handler is there, beside the control socket."""
+    assert controlled.start_control() == str(control_dir / f"{os.getpid()}.sock")
+    ops = operations(controlled)
+    hello = ops["hello"]({})
+    assert hello["can_recycle"] is False
+    assert hello["stack_signal"] == STACK_SIGNAL
+    assert hello["stack_file"] == str(control_dir / f"{os.getpid()}.stack")
+    assert stackdump.has_handler(os.getpid(), STACK_SIGNAL)
+    reply = ops["recycle"]({})
+    assert reply["accepted"] is False
+    assert "not a prefork pool child" in reply["error"]
+    assert controlled.recycle_requested is False
+    # closing the probe removes the handler with its file
+    controlled.close()
+    assert not stackdump.has_handler(os.getpid(), STACK_SIGNAL)
+    assert not (control_dir / f"{os.getpid()}.stack").exists()
+
+
+def test_a_prefork_master_has_no_stack_handler(controlled: Probe) -> None:
+    """The children a prefork master forks would inherit it, writing to its file."""
+    controlled._master_pid = os.getpid()  # as celeryd_after_setup leaves it
+    controlled.pool_name = "prefork"
+    assert controlled.start_control() is not None
+    assert operations(controlled)["hello"]({})["stack_signal"] is None
+    assert not stackdump.has_handler(os.getpid(), STACK_SIGNAL)
+
+
+@pytest.fixture
+def pool_child(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """This process made to look like a billiard pool child: the current process's
+    target is a pool Worker with its job pipe."""
+    from billiard import pool, process
+    from billiard.queues import _SimpleQueue
+
+    jobs, results = _SimpleQueue(), _SimpleQueue()
+    worker = pool.Worker(jobs, results)
+    worker._make_child_methods()
+    monkeypatch.setattr(process.current_process(), "_target", worker, raising=False)
+    yield worker
+    jobs.close()
+    results.close()
+
+
+def test_a_pool_child_asked_to_recycle_leaves_between_jobs_by_billiards_exit(
+    receiver: Receiver, make_probe: Callable[[str], Probe], pool_child: Any
+) -> None:
+    """worker_process_init wraps the loop's job wait: jobs go through as before; once a
+    recycle is asked (after the reply is out), the next wait exits with EX_RECYCLE, and a
+    wait already blocked on an idle pipe is woken to do so."""
+    from billiard import pool
+
+    # GIVEN a pool child's probe after worker_process_init
+    probe = make_probe(receiver.path)
+    probe.on_process_init()
+    assert probe.can_recycle()
+    assert probe.errors == 0
+    # WHEN a job arrives, the loop gets it as it would without the probe
+    pool_child.inq.put((pool.TASK, ("job", 0, None, (), {})))
+    assert pool_child.wait_for_job() == (pool.TASK, ("job", 0, None, (), {}))
+    # AND WHEN the loop waits on an idle pipe and a recycle is asked
+    exits: list[object] = []
+
+    def loop() -> None:
+        try:
+            pool_child.wait_for_job()
+        except SystemExit as exc:
+            exits.append(exc.code)
+
+    waiting = threading.Thread(target=loop)
+    waiting.start()
+    time.sleep(0.1)
+    assert waiting.is_alive()  # blocked, as billiard's own wait is
+    reply = operations(probe)["recycle"]({})
+    # THEN nothing happens before the reply is sent (the server runs this after it)
+    assert reply.pop(AFTER_REPLY)() is True
+    assert reply == {"accepted": True, "busy": []}
+    waiting.join(5)
+    # AND the wait leaves by billiard's recycle exit, as every later one would
+    assert exits == [pool.EX_RECYCLE]
+    with pytest.raises(SystemExit) as left:
+        pool_child.wait_for_job()
+    assert left.value.code == pool.EX_RECYCLE
+    # AND its exit is told as a recycle, even with Celery's memory limit set
+    probe.max_memory_per_child_kb = 100_000
+    receiver.recv()  # the child's announcement
+    probe.on_process_shutdown(pid=os.getpid(), exitcode=pool.EX_RECYCLE)
+    end, _ = wire.decode(receiver.recv())
+    assert isinstance(end, ProcessEnd)
+    assert (end.reason, end.exit_code) == (EndReason.RECYCLED, pool.EX_RECYCLE)
+
+
+def _settings_app(broker: str = "redis://:hunter2@127.0.0.1:6379/3") -> Any:
+    from celery import Celery
+
+    app = Celery("proj", broker=broker, set_as_current=False)
+    app.conf.broker_transport_options = {"visibility_timeout": 7200}
+    app.conf.task_reject_on_worker_lost = True
+    return app
+
+
+class WorkController:
+    """Stands in for the worker Celery passes to celeryd_after_setup."""
+
+    concurrency = 2
+    time_limit = None
+    soft_time_limit = 60.0
+    max_tasks_per_child = 100
+    max_memory_per_child = None
+
+    class pool_cls:  # its module names the pool
+        __module__ = "celery.concurrency.prefork"
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+
+def test_the_master_describes_the_apps_settings_and_never_the_broker_url(
+    receiver: Receiver, make_probe: Callable[[str], Probe]
+) -> None:
+    """celeryd_after_setup: the worker's message carries the settings a hard kill's
+    outcome depends on, the worker's own limits, and per task only what differs."""
+    # GIVEN an app whose broker URL holds a password, with tasks overriding settings
+    app = _settings_app()
+
+    @app.task(name="proj.late", acks_late=True)
+    def late() -> None: ...
+
+    @app.task(name="proj.limited", time_limit=30, soft_time_limit=60.0)
+    def limited() -> None: ...
+
+    @app.task(name="proj.plain")
+    def plain() -> None: ...
+
+    # WHEN the master's probe describes the worker
+    probe = make_probe(receiver.path)
+    probe.on_worker_ready(sender="w1@host", instance=WorkController(app))
+    line = receiver.recv()
+    info, _ = wire.decode(line)
+    # THEN the settings are there, the URL is not
+    assert b"hunter2" not in line
+    assert b"6379" not in line
+    assert isinstance(info, WorkerInfo)
+    assert (info.pool, info.max_tasks_per_child) == ("prefork", 100)
+    assert info.settings == {
+        "task_acks_late": False,
+        "task_reject_on_worker_lost": True,
+        "task_retry_on_worker_lost": False,
+        "task_time_limit": None,
+        "task_soft_time_limit": 60.0,  # the worker's own, from its command line
+        "worker_max_tasks_per_child": 100,
+        "worker_max_memory_per_child": None,
+        "broker_transport": "redis",
+        "visibility_timeout": 7200,
+        "unacked_restore_interval": None,
+        "unacked_restore_throttle": None,
+        "tasks": {
+            "proj.late": {"acks_late": True},
+            "proj.limited": {"time_limit": 30},
+        },
+        "tasks_truncated": False,
+    }
+    assert probe.errors == 0
+
+
+@pytest.mark.parametrize(
+    ("broker", "transport"),
+    [
+        ("amqp://guest:guest@localhost//", "amqp"),
+        ("rediss://h/0", "redis"),
+        ("memory://", "memory"),
+    ],
+)
+def test_the_transport_is_kombus_driver_whatever_the_url_says(broker: str, transport: str) -> None:
+    settings = worker_settings(WorkController(_settings_app(broker)))
+    assert settings["broker_transport"] == transport
+
+
+def test_many_overriding_tasks_are_cut_to_fit_one_message(
+    receiver: Receiver, make_probe: Callable[[str], Probe]
+) -> None:
+    """Thousands of tasks with their own settings: as many as fit the wire's line
+    limit are listed, and the message says names were left out."""
+    app = _settings_app()
+
+    def body() -> None: ...
+
+    for n in range(2000):
+        app.task(name=f"proj.tasks.number_{n:04}", acks_late=True)(body)
+    probe = make_probe(receiver.path)
+    probe.on_worker_ready(sender="w1@host", instance=WorkController(app))
+    line = receiver.recv()
+    assert len(line) < wire.MAX_LINE
+    info, _ = wire.decode(line)
+    assert isinstance(info, WorkerInfo)
+    assert info.settings is not None
+    assert info.settings["tasks_truncated"] is True
+    assert 200 < len(info.settings["tasks"]) < 2000
+    assert "proj.tasks.number_0000" in info.settings["tasks"]
+
+
+def test_settings_that_cannot_be_read_still_describe_the_worker(
+    receiver: Receiver, make_probe: Callable[[str], Probe]
+) -> None:
+    """An app that fails to say its settings costs the settings, not the message."""
+    probe = make_probe(receiver.path)
+    probe.on_worker_ready(sender="w1@host", instance=WorkController(app=None))
+    info, _ = wire.decode(receiver.recv())
+    assert isinstance(info, WorkerInfo)
+    assert (info.nodename, info.settings) == ("w1@host", None)
+    assert probe.errors == 1

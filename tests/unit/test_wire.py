@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from celery_warden._records import EndReason, Heartbeat, TaskFinished, TaskStarted, TaskState
+from celery_warden._records import (
+    EndReason,
+    Heartbeat,
+    ProcessEnd,
+    TaskFinished,
+    TaskStarted,
+    TaskState,
+    WorkerInfo,
+)
+from celery_warden.live import LiveView
 from celery_warden.probe import wire
 
 
@@ -84,3 +93,49 @@ def test_text_sqlite_cannot_store_is_escaped_and_absurd_numbers_refused() -> Non
     for bad in (b'["s",1e999,2,"id","n",3.0]', b'["s",1,2,"id","n",' + b"9" * 400 + b"]"):
         with pytest.raises(ValueError, match=r"range|integer"):
             wire.decode(bad)
+
+
+_SETTINGS = {
+    "task_acks_late": False,
+    "broker_transport": "redis",
+    "visibility_timeout": 7200,
+    "tasks": {"proj.late": {"acks_late": True}},
+    "tasks_truncated": False,
+}
+
+
+def test_a_workers_settings_round_trip_and_an_older_probe_sends_none() -> None:
+    """The settings ride as the worker message's last field; a probe from before the
+    field decodes with settings None."""
+    message, _ = wire.decode(wire.encode("w", 7, 70, "w1@h", "prefork", 2, None, None, _SETTINGS))
+    assert message == WorkerInfo(7, 70, "w1@h", "prefork", 2, None, None, _SETTINGS)
+    old, _ = wire.decode(wire.encode("w", 7, 70, "w1@h", "prefork", 2, 100, 200_000))
+    assert isinstance(old, WorkerInfo)
+    assert (old.max_tasks_per_child, old.settings) == (100, None)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [["not", "an", "object"], "text", {"tasks": ["proj.late"]}, {"tasks": {"proj.late": True}}],
+)
+def test_malformed_settings_are_refused(settings: object) -> None:
+    with pytest.raises(ValueError, match="settings"):
+        wire.decode(wire.encode("w", 7, 70, "w1@h", "prefork", 2, None, None, settings))
+
+
+def test_the_live_view_keeps_each_masters_latest_word_until_it_ends() -> None:
+    """Settings are live only: the latest WorkerInfo per master, replaced when a new
+    master takes the pid, dropped when that master ends (not when an older one does)."""
+    live = LiveView()
+    first = WorkerInfo(7, 70, "w1@h", "prefork", 2, None, None, _SETTINGS)
+    other = WorkerInfo(9, 90, "w2@h", "solo", 1, None, None, None)
+    live.update(first)
+    live.update(other)
+    assert live.workers() == [first, other]
+    restarted = WorkerInfo(7, 75, "w1@h", "prefork", 2, None, None, {"task_acks_late": True})
+    live.update(restarted)
+    live.update(ProcessEnd(7, 70, 1.0, EndReason.GONE))  # the earlier master's end
+    assert live.workers() == [restarted, other]
+    live.update(ProcessEnd(7, 75, 2.0, EndReason.GONE))
+    assert live.workers() == [other]
+    assert live.activity() == []  # a master's word is not activity

@@ -875,6 +875,8 @@ class Guard:
     def _loss_note(self, master_pid: int, task: RunningTask) -> str:
         acks_late = self._task_setting(master_pid, task.name, "acks_late")
         reject = self._task_setting(master_pid, task.name, "reject_on_worker_lost")
+        # Celery 5.7's retry_on_worker_lost redelivers it too.
+        reject = reject or self._task_setting(master_pid, task.name, "retry_on_worker_lost")
         if acks_late and reject:
             return (
                 f"; {task.name} [{task.task_id}] will be redelivered "

@@ -14,7 +14,9 @@ was reused is refused, not believed).
 What: one JSON request line (at most ``MAX_REQUEST`` bytes), one JSON reply line. Each
 connection is served on a thread of its own (at most ``MAX_CONNECTIONS`` at once, so a
 long trace does not keep a memory query waiting); a handler's failure becomes an
-``{"error": ...}`` reply. Nothing here can raise into the worker.
+``{"error": ...}`` reply. A handler whose action can end the process (``recycle``) puts
+it in its reply under ``AFTER_REPLY``: it runs once the reply is sent, so the process
+cannot exit before its answer is out. Nothing here can raise into the worker.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = [
+    "AFTER_REPLY",
     "CONTROL_DIR_ENV",
     "MAX_REPLY",
     "MAX_REQUEST",
@@ -49,6 +52,7 @@ MAX_CONNECTIONS = 4
 READ_TIMEOUT_SECONDS = 10.0
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+AFTER_REPLY = "_after_reply"  # a reply's key for what to run once it is sent
 
 _log = logging.getLogger("celery_warden.probe")
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -225,7 +229,12 @@ class ControlServer:
                     reply = handler(request)
                 except Exception as exc:  # a diagnosis failing must not end the worker
                     reply = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                _reply(conn, reply)
+                after = reply.pop(AFTER_REPLY, None)
+                try:
+                    _reply(conn, reply)
+                finally:
+                    if after is not None:
+                        after()
         except Exception:
             _log.debug("celery-warden: control connection failed", exc_info=True)
         finally:

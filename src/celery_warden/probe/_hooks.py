@@ -50,8 +50,9 @@ HEARTBEAT_SECONDS = 5.0
 SMAPS_SECONDS = 10.0  # at most one smaps_rollup read per process in this long
 
 _EX_RECYCLE = 0x9B  # billiard's exit code for a child that leaves by its own limits
-_MAX_SETTINGS_TASKS = 500  # task names the worker's settings may list
-_SETTINGS_TASKS_BYTES = wire.MAX_LINE // 2  # and their room in the worker's message
+# The room the per-task settings may take in the worker's message, which must stay under
+# the wire's line limit: about 300 names of 20 characters with one override each.
+_SETTINGS_TASKS_BYTES = wire.MAX_LINE - 4096
 _MAX_RUNNING = 1024  # tasks remembered between prerun and postrun, per process
 _MAX_NAMES = 4096  # task names whose JSON form is cached
 BLOCKS_SAMPLE = 1 / 16  # the share of calls around which the allocator's blocks are counted
@@ -150,9 +151,9 @@ def worker_settings(instance: Any) -> dict[str, Any]:
     App-wide: whether a hard kill loses a task (acks late, reject or retry on worker
     lost), Celery's own limits (the worker's effective values, its command line
     included), the broker's transport and the options that decide when Redis redelivers
-    (None: the transport's default). Per task name, only the settings that differ from
-    those app-wide values, for at most ``_MAX_SETTINGS_TASKS`` names and within the
-    message's size limit; ``tasks_truncated`` says when names were left out.
+    (None: the transport's default). Per task name (Celery's own ``celery.*`` left
+    out), only the settings that differ from those app-wide values, in name order until
+    the message's size limit; ``tasks_truncated`` says when names were left out.
     """
     app = instance.app
     conf = app.conf
@@ -176,13 +177,13 @@ def worker_settings(instance: Any) -> dict[str, Any]:
         own = {}
         for attribute, setting in _TASK_SETTINGS.items():
             value = _plain(getattr(task, attribute, None))
-            if value != settings[setting]:
+            if value is not None and value != settings[setting]:  # None: the app-wide one
                 own[attribute] = value
         if not own:
             continue
         key = str(name)[: wire.MAX_NAME]
-        size += len(json.dumps([key, own]))
-        if len(tasks) >= _MAX_SETTINGS_TASKS or size > _SETTINGS_TASKS_BYTES:
+        size += len(json.dumps([key, own], separators=(",", ":")))
+        if size > _SETTINGS_TASKS_BYTES:
             truncated = True
             break
         tasks[key] = own
@@ -213,12 +214,13 @@ class Probe:
         self.max_memory_per_child_kb: int | None = None
         self.green = False  # gevent/eventlet: one thread runs every task
         self.pool_name = ""
+        self.app: Any = None  # the worker's app, in its master (for the ``queues`` op)
         self._master_pid = 0  # the process celeryd_after_setup ran in
         self.trace: Trace | None = None  # a diagnosis tracing a task name here
         self._control: ControlServer | None = None
         self.stack = StackDump()
         self.recycle_requested = False  # the warden asked this pool child to leave
-        self._recycle_wake = -1  # written to wake an idle child that should leave
+        self._recycle_pipe = (-1, -1)  # written to wake an idle child that should leave
         self._recycle_pid = 0  # the process whose billiard loop the wrapper is in
         if heartbeat_seconds is None:
             heartbeat_seconds = _env_float(HEARTBEAT_ENV, HEARTBEAT_SECONDS)
@@ -293,7 +295,7 @@ class Probe:
 
     def can_recycle(self) -> bool:
         """Whether this process is a pool child that ``recycle`` can end between tasks."""
-        return self._recycle_wake >= 0 and self._recycle_pid == os.getpid()
+        return self._recycle_pipe[1] >= 0 and self._recycle_pid == os.getpid()
 
     def request_recycle(self) -> bool:
         """Have this pool child leave before its next task (at once when idle); False
@@ -302,7 +304,7 @@ class Probe:
             return False
         self.recycle_requested = True  # set before the wake-up, which the loop reads after
         with contextlib.suppress(OSError):  # a full pipe: the loop was woken already
-            os.write(self._recycle_wake, b"r")
+            os.write(self._recycle_pipe[1], b"r")
         return True
 
     def _arm_recycle(self) -> None:
@@ -339,7 +341,7 @@ class Probe:
             return original()
 
         worker.wait_for_job = wait_for_job
-        self._recycle_wake, self._recycle_pid = wake_writer, os.getpid()
+        self._recycle_pipe, self._recycle_pid = (wake_reader, wake_writer), os.getpid()
 
     def _close_files(self) -> None:
         for fd in (self._statm, self._smaps):
@@ -356,6 +358,10 @@ class Probe:
             self._control.close()
         self.stack.close()
         self._close_files()
+        for fd in self._recycle_pipe:
+            if fd >= 0:
+                os.close(fd)
+        self._recycle_pipe = (-1, -1)
 
     def rss_bytes(self) -> int | None:
         """Current RSS from statm's second field, read without reopening the file."""
@@ -388,6 +394,7 @@ class Probe:
             pool_name = getattr(pool, "__module__", str(pool)).rsplit(".", 1)[-1]
             pool_name = self.pool_name = _POOL_NAMES.get(pool_name, pool_name)
             self._master_pid = pid
+            self.app = getattr(instance, "app", None)  # the master's queues can be asked for
             self.green = pool_name in _GREEN_POOLS
             concurrency = int(getattr(instance, "concurrency", 0) or 0)
             self.start_control()  # the master too: its own memory can be asked for

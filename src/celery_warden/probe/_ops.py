@@ -9,7 +9,10 @@
   when they are done or ``timeout`` seconds have passed, whichever comes first;
 - ``recycle``: have this pool child leave after its current task, or at once when idle,
   by billiard's own way out (``Probe.request_recycle``): the soft recycle that never
-  interrupts a task, as SIGTERM to a busy child would. Asking again changes nothing.
+  interrupts a task, as SIGTERM to a busy child would. Asking again changes nothing;
+- ``queues``: in a worker's master, how many messages wait in each queue it consumes
+  from (a passive declare on a connection of its own): the guard asks when every child
+  has sat idle for long, to tell "nothing to do" from "stopped consuming".
 
 Every answer carries types, counts, sizes, file:line and attribute names, never object
 contents or task arguments, unless the request says ``show_values`` (the client records
@@ -18,6 +21,7 @@ that it did).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -25,6 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery_warden.probe import _alloc, _heap
+from celery_warden.probe._control import AFTER_REPLY
 from celery_warden.probe._stack import STACK_SIGNAL
 from celery_warden.probe._trace import Trace
 
@@ -34,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["operations"]
 
 MAX_CALLS = 1000
+MAX_QUEUES = 50
 MAX_FRAMES = 64
 MAX_TIMEOUT_SECONDS = 86400.0
 
@@ -66,13 +72,37 @@ def operations(probe: Probe) -> dict[str, Callable[[dict[str, Any]], dict[str, A
         }
 
     def recycle(request: dict[str, Any]) -> dict[str, Any]:
-        if not probe.request_recycle():
+        if not probe.can_recycle():
             return {
                 "accepted": False,
                 "error": "not a prefork pool child: there is no pool loop to leave here "
                 "(a worker's master, or the solo or threads pool)",
             }
-        return {"accepted": True, "busy": probe.running_names()}
+        # Requested once the reply is out: an idle child is gone within milliseconds
+        # (billiard's master TERMs a child as soon as it says it is leaving).
+        return {"accepted": True, "busy": probe.running_names(), AFTER_REPLY: probe.request_recycle}
+
+    def queues(request: dict[str, Any]) -> dict[str, Any]:
+        app = probe.app
+        if not probe.is_master() or app is None:
+            return {"error": "not a worker's master: only the master consumes"}
+        names = list(app.amqp.queues.consume_from)[:MAX_QUEUES]
+        depths: dict[str, int] = {}
+        missing: list[str] = []
+        with app.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1, timeout=5)
+            for name in names:
+                # A channel per queue: AMQP closes the channel a passive declare of a
+                # missing queue fails on.
+                channel = conn.channel()
+                try:
+                    depths[name] = int(channel.queue_declare(queue=name, passive=True)[1])
+                except conn.channel_errors:
+                    missing.append(name)
+                finally:
+                    with contextlib.suppress(Exception):
+                        channel.close()
+        return {**identity(), "queues": depths, "missing": missing}
 
     def memory(request: dict[str, Any]) -> dict[str, Any]:
         limit = int(_bounded(request, "limit", 30, 1, 500))
@@ -120,4 +150,10 @@ def operations(probe: Probe) -> dict[str, Callable[[dict[str, Any]], dict[str, A
         finally:
             busy.release()
 
-    return {"hello": hello, "memory": memory, "trace": trace, "recycle": recycle}
+    return {
+        "hello": hello,
+        "memory": memory,
+        "trace": trace,
+        "recycle": recycle,
+        "queues": queues,
+    }
