@@ -810,7 +810,7 @@ class Guard:
                 if _procs.has_exited(target.handle, 0.5):
                     self._finish(incident, Outcome.RECYCLED, "it left after its task")
                     return
-            self._finish(incident, Outcome.PENDING, "the warden stopped before it left")
+            self._finish(incident, Outcome.FAILED, "not seen to its end: the warden stopped")
         finally:
             if target is not None:
                 target.close()
@@ -1100,7 +1100,10 @@ class Guard:
                 alive = _procs.read_stat(incident.pid).start_ticks == incident.start_ticks
             except (_procs.Vanished, PermissionError):
                 alive = False
-            if not alive or incident.deadline is None:
+            if incident.deadline is None:  # a soft recycle: the probe keeps the request
+                self._finish(incident, Outcome.FAILED, "not seen to its end: the warden stopped")
+                continue
+            if not alive:
                 self._finish(incident, Outcome.TARGET_GONE, "gone when the warden restarted")
                 continue
             thread = threading.Thread(
