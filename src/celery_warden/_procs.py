@@ -378,8 +378,9 @@ def has_exited(handle: ProcessHandle, timeout_seconds: float = 0.0) -> bool:
 
 
 def owner_uid(pid: int) -> int:
-    """The real user owning ``pid`` (the owner of ``/proc/PID``)."""
-    try:
-        return os.stat(f"{_PROC}/{pid}").st_uid
-    except (FileNotFoundError, ProcessLookupError) as exc:
-        raise Vanished(pid) from exc
+    """The real user of ``pid`` (the first ``Uid:`` of its status): ``/proc/PID`` is
+    owned by the *effective* one, which a setuid-root program changes."""
+    for line in _read(f"{_PROC}/{pid}/status").splitlines():
+        if line.startswith(b"Uid:"):
+            return int(line.split()[1])
+    raise Vanished(pid)

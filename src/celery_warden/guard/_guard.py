@@ -177,6 +177,7 @@ class Guard:
         self._lock = threading.Lock()  # tick() against escalation threads' callbacks
         self._threads: list[threading.Thread] = []
         self._last_view: GuardView | None = None
+        self._beating = False  # whether any probe of this session sends heartbeats
         self.swept = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="warden-guard", daemon=True)
@@ -228,6 +229,7 @@ class Guard:
         view = self._view()
         with self._lock:
             self._last_view = view
+            self._beating = self._beating or any(b is not None for _r, b in view.running.values())
             self._threads = [t for t in self._threads if t.is_alive()]
             by_pid = {info.pid: info for info in view.tracked}
             self._note_masters(view, by_pid)
@@ -382,8 +384,15 @@ class Guard:
                 numbers = {"runtime_seconds": round(runtime, 3), "threshold_seconds": threshold}
                 self._hang(info, state, task, reason, numbers, now)
                 return
-        stalled = now - state.beat_changed
-        if beat is not None and stalled > h.stalled_seconds:
+        if beat is not None:
+            stalled = now - state.beat_changed
+        elif self._beating:
+            # Heartbeats flow in this session but this child never sent one: stopped (or
+            # stuck in C) before its first beat. Silent since its task was first seen.
+            stalled = now - min(state.task_seen.values())
+        else:
+            return  # no heartbeats at all (turned off, or no probe): nothing to tell by
+        if stalled > h.stalled_seconds:
             task = running[0]
             reason = (
                 f"no heartbeat for {stalled:.0f} s while running {task.name} "
@@ -423,9 +432,13 @@ class Guard:
         target = self._target(info)
         if target is None:
             return _stacks.Stack(None, None, "the process is no longer ours to read")
+        sample = self._last_view.latest.get(info.pid) if self._last_view else None
+        stopped = sample is not None and sample.state in ("stopped", "tracing-stop")
         try:
             h = self.config.hang
-            return _stacks.capture(self.signaller, target, h.stack, h.stack_timeout_seconds)
+            return _stacks.capture(
+                self.signaller, target, h.stack, h.stack_timeout_seconds, stopped=stopped
+            )
         finally:
             target.close()
 

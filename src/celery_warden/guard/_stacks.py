@@ -49,6 +49,7 @@ def _py_spy(pid: int, timeout: float, *, nonblocking: bool) -> tuple[str | None,
     try:
         done = subprocess.run(
             [spy, "dump", "--pid", str(pid), *["--nonblocking"] * nonblocking],
+            env={**os.environ, "RUST_BACKTRACE": "0", "RUST_LIB_BACKTRACE": "0"},
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -59,9 +60,24 @@ def _py_spy(pid: int, timeout: float, *, nonblocking: bool) -> tuple[str | None,
     except OSError as exc:
         return None, f"py-spy could not start: {exc.strerror or exc}"
     if done.returncode != 0 or not done.stdout.strip():
-        line = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return None, f"py-spy: {line}"
+        return None, f"py-spy: {_py_spy_error(done.stderr)}"
     return done.stdout, ""
+
+
+def _py_spy_error(stderr: str) -> str:
+    """py-spy's own reason: its ``Error:`` line and the causes under it, without the
+    backtrace ``RUST_BACKTRACE`` adds."""
+    lines = [line.strip() for line in stderr.splitlines()]
+    for i, line in enumerate(lines):
+        if line.startswith("Error:"):
+            causes = []
+            for cause in lines[i + 1 :]:
+                if cause.startswith("Stack backtrace:"):
+                    break
+                if cause and cause != "Caused by:":
+                    causes.append(cause.lstrip("0123456789: "))
+            return "; ".join([line.removeprefix("Error:").strip(), *causes])
+    return next((line for line in lines if line), "no output")
 
 
 def _faulthandler(signaller: Signaller, target: Target, timeout: float) -> tuple[str | None, str]:
@@ -81,9 +97,12 @@ def _faulthandler(signaller: Signaller, target: Target, timeout: float) -> tuple
     return (text, "") if text.strip() else (None, "the faulthandler wrote nothing")
 
 
-def capture(signaller: Signaller, target: Target, method: str, timeout: float) -> Stack:
+def capture(
+    signaller: Signaller, target: Target, method: str, timeout: float, *, stopped: bool = False
+) -> Stack:
     """The stacks of ``target`` by ``method`` (``auto``: py-spy, then faulthandler;
-    a dry run sends no signal, so py-spy alone)."""
+    a dry run sends no signal, so py-spy alone). A ``stopped`` process (SIGSTOP) cannot
+    be suspended again nor run a signal handler: py-spy reads it without pausing."""
     if method == "none":
         return Stack(None, None, "stack capture is turned off (hang.stack = none)")
     reasons = []
@@ -93,13 +112,14 @@ def capture(signaller: Signaller, target: Target, method: str, timeout: float) -
         if _procs.has_exited(target.handle):
             return Stack(None, None, "it exited before its stack was read")
         # A dry run reads without pausing the process (py-spy --nonblocking).
-        text, why = _py_spy(target.pid, timeout, nonblocking=signaller.dry_run)
+        nonblocking = signaller.dry_run or stopped
+        text, why = _py_spy(target.pid, timeout, nonblocking=nonblocking)
         if _procs.has_exited(target.handle):
             return Stack(None, None, "it exited while its stack was read")
         if text:
             return Stack(text, "py-spy")
         reasons.append(why)
-    if method in ("auto", "faulthandler") and not signaller.dry_run:
+    if method in ("auto", "faulthandler") and not signaller.dry_run and not stopped:
         text, why = _faulthandler(signaller, target, min(timeout, 5.0))
         if text:
             return Stack(text, "faulthandler")
