@@ -14,10 +14,8 @@ is gone (``ENOENT`` on open, or ``ESRCH`` on read when it died between the two) 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import select
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,14 +39,12 @@ __all__ = [
     "has_exited",
     "last_pid",
     "list_pids",
-    "open_handle",
     "open_verified",
     "owner_uid",
     "read_cmdline",
     "read_peak_rss",
     "read_smaps",
     "read_stat",
-    "send_signal",
     "start_epoch",
 ]
 
@@ -290,54 +286,20 @@ class ProcessHandle:
             os.close(self.fd)
 
 
-def open_handle(pid: int, start_ticks: int) -> ProcessHandle:
-    """Open a pidfd on ``pid`` and verify it is still the process that started at
-    ``start_ticks``.
-
-    The check must come *after* the open: a PID reused between a scan and the open
-    would otherwise be signalled, and psutil's (pid, create_time) check alone misses a
-    reuse within one clock tick (RELIABILITY.md, point 6).
-    """
-    if pid <= 1 or pid == os.getpid():
-        raise ValueError(f"refusing to open a handle on PID {pid}")
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        raise Vanished(pid) from None
-    try:
-        if read_stat(pid).start_ticks != start_ticks:
-            raise Vanished(pid)
-    except BaseException:
-        os.close(fd)
-        raise
-    return ProcessHandle(pid=pid, start_ticks=start_ticks, fd=fd)
-
-
-def send_signal(handle: ProcessHandle, signum: int) -> bool:
-    """Send ``signum`` through the pidfd; False when the process has already exited."""
-    try:
-        signal.pidfd_send_signal(handle.fd, signum)
-    except ProcessLookupError:
-        return False
-    except OSError as exc:
-        if exc.errno == errno.ESRCH:
-            return False
-        raise
-    return True
-
-
 # A test hook: called with the PID between a scan's reads and the pidfd_open, so a test
 # can reuse the PID in exactly that gap (RELIABILITY.md, A2). None in production.
 before_open: Callable[[int], None] | None = None
 
 
-def open_verified(pid: int, start_ticks: int, argv: list[str]) -> ProcessHandle:
+def open_verified(pid: int, start_ticks: int, argv: list[str] | None = None) -> ProcessHandle:
     """Open a pidfd on the process a scan saw as ``(pid, start_ticks, argv)``.
 
-    The start time and the command line are read again *after* the open: if either
-    changed, the PID was reused between the scan and the open (or the process exec'd),
-    and :class:`IdentityMismatch` is raised with the descriptor closed. From then on the
-    pidfd names that one process whatever happens to the PID.
+    The start time and the command line (unless ``argv`` is None) are read again
+    *after* the open: if either changed, the PID was reused between the scan and the
+    open (or the process exec'd), and :class:`IdentityMismatch` is raised with the
+    descriptor closed. From then on the pidfd names that one process whatever happens
+    to the PID. Checking *before* the open would not do: psutil's (pid, create_time)
+    check misses a reuse within one clock tick (RELIABILITY.md, point 6).
     """
     if before_open is not None:
         before_open(pid)
@@ -353,9 +315,10 @@ def open_verified(pid: int, start_ticks: int, argv: list[str]) -> ProcessHandle:
             raise IdentityMismatch(
                 f"PID {pid} started at tick {stat.start_ticks}, not {start_ticks}"
             )
-        now = read_cmdline(pid) if stat.state != "Z" else argv
-        if now != argv:
-            raise IdentityMismatch(f"PID {pid} runs {' '.join(now)[:80]!r} now")
+        if argv is not None and stat.state != "Z":
+            now = read_cmdline(pid)
+            if now != argv:
+                raise IdentityMismatch(f"PID {pid} runs {' '.join(now)[:80]!r} now")
     except BaseException:
         os.close(fd)
         raise

@@ -80,7 +80,7 @@ def forward_to_masters(
             if proc.poll() is not None:
                 continue
             try:
-                handle = _procs.open_handle(proc.pid, _procs.read_stat(proc.pid).start_ticks)
+                handle = _procs.open_verified(proc.pid, _procs.read_stat(proc.pid).start_ticks)
             except (_procs.Vanished, ValueError):
                 continue
             target = Target(handle, Role.MASTER)

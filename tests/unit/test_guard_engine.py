@@ -81,7 +81,7 @@ class World:
     def handle(self, pid: int, ticks: int) -> _procs.ProcessHandle | None:
         for info in self.tracked:
             if (info.pid, info.start_ticks) == (pid, ticks):
-                return _procs.open_handle(pid, ticks)
+                return _procs.open_verified(pid, ticks)
         return None
 
     def incidents(self) -> list[Incident]:

@@ -762,19 +762,7 @@ class Guard:
         refusal = budget.refusal(now, hard=False) or self._serving_refusal(info, budget)
         key = (info.pid, info.start_ticks)
         if refusal is not None:
-            if _transient(refusal):
-                log.debug("%s PID %d waits: %s", IncidentKind.MEMORY_SOFT, info.pid, refusal)
-            elif "soft-refused" not in state.reported:
-                state.reported.add("soft-refused")
-                self._record(
-                    IncidentKind.MEMORY_SOFT,
-                    key,
-                    info.master_pid,
-                    f"{reason}; not now: {refusal}",
-                    numbers,
-                    Outcome.REFUSED,
-                    task=_named(task),
-                )
+            self._refused(info, state, IncidentKind.MEMORY_SOFT, reason, numbers, refusal, task)
             return
         incident = self._record(
             IncidentKind.MEMORY_SOFT,
@@ -797,6 +785,32 @@ class Guard:
         )
         self._threads.append(thread)
         thread.start()
+
+    def _refused(
+        self,
+        info: ProcessInfo,
+        state: _Proc,
+        kind: IncidentKind,
+        reason: str,
+        numbers: dict[str, Any],
+        refusal: str,
+        task: RunningTask | None,
+    ) -> None:
+        """A recycle a bound forbids now: retried at the next tick when the bound lifts
+        by itself, recorded once otherwise."""
+        if _transient(refusal):
+            log.debug("%s PID %d waits: %s", kind, info.pid, refusal)
+        elif f"refused:{kind}" not in state.reported:
+            state.reported.add(f"refused:{kind}")
+            self._record(
+                kind,
+                (info.pid, info.start_ticks),
+                info.master_pid,
+                f"{reason}; not now: {refusal}",
+                numbers,
+                Outcome.REFUSED,
+                task=_named(task),
+            )
 
     def _soft_recycle(self, info: ProcessInfo, incident: Incident, budget: WorkerBudget) -> None:
         """Ask the child's probe to leave between tasks; wait for it to go."""
@@ -863,19 +877,7 @@ class Guard:
         budget = self._budget(info.master_pid)
         refusal = budget.refusal(now, hard=True) or self._serving_refusal(info, budget)
         if refusal is not None:
-            if _transient(refusal):
-                log.debug("%s PID %d waits: %s", kind, info.pid, refusal)
-            elif f"refused:{kind}" not in state.reported:
-                state.reported.add(f"refused:{kind}")
-                self._record(
-                    kind,
-                    key,
-                    info.master_pid,
-                    f"{reason}; not now: {refusal}",
-                    numbers,
-                    Outcome.REFUSED,
-                    task=_named(task),
-                )
+            self._refused(info, state, kind, reason, numbers, refusal, task)
             return
         state.reported.discard(f"refused:{kind}")
         if task is not None:
