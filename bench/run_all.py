@@ -3,7 +3,8 @@
 Each script measures celery-warden against its alternative in one run and prints
 Markdown tables (the ones docs/benchmarks.md records) and whether each target is met.
 ``make bench`` runs this; run a script alone for its options (``--help``).
-The whole takes about 16 minutes on 2 cores (bench_probe.py needs Redis).
+The whole takes about 20 minutes on 2 cores (bench_probe.py and bench_guard.py need
+Redis).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ SCRIPTS = (
     "bench_probe.py",
     "bench_heap.py",
     "bench_diagnose.py",
+    "bench_guard.py",
 )
 
 

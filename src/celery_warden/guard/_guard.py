@@ -412,9 +412,12 @@ class Guard:
     ) -> None:
         if info.role is Role.MASTER:  # solo/threads: the worker itself; report with the stack
             key = f"hang:{task.task_id}"
-            if key not in state.reported:
-                state.reported.add(key)
-                stack = self._stack(info)
+            if key in state.reported:
+                return
+            state.reported.add(key)
+            decided = time.time()
+
+            def report() -> None:  # py-spy may take seconds: not on the tick
                 self._record(
                     IncidentKind.HANG,
                     (info.pid, info.start_ticks),
@@ -423,8 +426,13 @@ class Guard:
                     numbers,
                     Outcome.REPORTED,
                     task=(task.name, task.task_id),
-                    stack=stack.stored(),
+                    stack=self._stack(info).stored(),
+                    t=decided,
                 )
+
+            thread = threading.Thread(target=report, name="warden-report", daemon=True)
+            self._threads.append(thread)
+            thread.start()
             return
         self._hard(info, state, IncidentKind.HANG, reason, numbers, now, task=task, with_stack=True)
 
@@ -660,7 +668,9 @@ class Guard:
                 continue
             since = self._orphaned.setdefault(key, now)
             state = self._state(info)
-            if now - since < o.grace_seconds or state.incident is not None:
+            # Half a sweep of slack: a tick a few milliseconds early must not wait a
+            # whole sweep more.
+            if now - since < o.grace_seconds - 0.05 or state.incident is not None:
                 continue
             try:
                 uid = _procs.owner_uid(info.pid)
@@ -884,8 +894,9 @@ class Guard:
             reason += self._loss_note(info.master_pid, task)
             if not self.signaller.dry_run:
                 self.poison.add(task.task_id, now)
-        stack = self._stack(info).stored() if with_stack else None
-        self._escalate(info, state, kind, reason, numbers, task=task, stack=stack, budget=budget)
+        self._escalate(
+            info, state, kind, reason, numbers, task=task, with_stack=with_stack, budget=budget
+        )
 
     def _loss_note(self, master_pid: int, task: RunningTask) -> str:
         acks_late = self._task_setting(master_pid, task.name, "acks_late")
@@ -912,33 +923,37 @@ class Guard:
         numbers: dict[str, Any],
         *,
         task: RunningTask | None,
-        stack: str | None = None,
+        with_stack: bool = False,
         budget: WorkerBudget | None = None,
     ) -> None:
-        """TERM, then KILL after the grace unless it exited: on a thread of its own, so
-        the KILL lands on time whatever the tick is doing."""
-        grace = self.config.recycle.grace_seconds
+        """Capture the stack (a hang), store the incident, TERM, then KILL after the
+        grace unless it exited: on a thread of its own, so neither a slow py-spy nor the
+        grace holds up the decisions on other processes, and the KILL lands on time."""
         dry = self.signaller.dry_run
-        incident = self._record(
-            kind,
-            (info.pid, info.start_ticks),
-            info.master_pid,
-            reason,
-            {**numbers, "grace_seconds": grace},
-            Outcome.DRY_RUN if dry else Outcome.PENDING,
-            task=_named(task),
-            stack=stack,
-            deadline=None if dry else time.time() + grace,
-        )
-        state.incident = incident.id
+        incident_id, decided = uuid.uuid4().hex, time.time()
+        state.incident = incident_id
         if budget is not None and not dry:
-            budget.begin(incident.id, self._clock(), hard=True)
-        thread = threading.Thread(
-            target=self._terminate,
-            args=(info, incident, budget),
-            name="warden-escalate",
-            daemon=True,
-        )
+            budget.begin(incident_id, self._clock(), hard=True)
+
+        def escalate() -> None:
+            grace = self.config.recycle.grace_seconds
+            stack = self._stack(info).stored() if with_stack else None
+            incident = self._record(
+                kind,
+                (info.pid, info.start_ticks),
+                info.master_pid,
+                reason,
+                {**numbers, "grace_seconds": grace},
+                Outcome.DRY_RUN if dry else Outcome.PENDING,
+                task=_named(task),
+                stack=stack,
+                deadline=None if dry else time.time() + grace,
+                incident_id=incident_id,
+                t=decided,
+            )
+            self._terminate(info, incident, budget)
+
+        thread = threading.Thread(target=escalate, name="warden-escalate", daemon=True)
         self._threads.append(thread)
         thread.start()
 
@@ -1057,14 +1072,16 @@ class Guard:
         task: tuple[str, str] | None = None,
         stack: str | None = None,
         deadline: float | None = None,
+        incident_id: str | None = None,
+        t: float | None = None,
     ) -> Incident:
         incident = Incident(
-            id=uuid.uuid4().hex,
+            id=incident_id or uuid.uuid4().hex,
             kind=kind,
             pid=key[0],
             start_ticks=key[1],
             master_pid=master_pid,
-            t=time.time(),
+            t=time.time() if t is None else t,
             reason=reason,
             numbers=numbers,
             outcome=outcome,
@@ -1075,11 +1092,10 @@ class Guard:
             ended_at=time.time() if outcome not in (Outcome.PENDING,) else None,
             deadline=deadline,
         )
-        level = (
-            logging.INFO
-            if outcome in (Outcome.REPORTED, Outcome.CELERY_HANDLED)
-            else logging.WARNING
-        )
+        quiet = outcome in (Outcome.REPORTED, Outcome.CELERY_HANDLED)
+        if kind is IncidentKind.CONFIG:  # the self-check's warnings are worth a warning
+            quiet = numbers.get("severity") != "warning"
+        level = logging.INFO if quiet else logging.WARNING
         log.log(level, "%s PID %d: %s [%s]", kind, key[0], reason, outcome)
         self.recorder.incident(incident)
         return incident
