@@ -3,6 +3,7 @@ worker's), with real signals."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -223,3 +224,99 @@ def test_a_worker_anchored_after_earlier_scans_is_found_whole(
     records: list[Record] = []
     # THEN its whole tree is found
     _sweep_until(sampler, lambda _: len(sampler.tracked) == 4, records, "four processes")
+
+
+# A stand-in worker whose "pool child" forks a short-lived process every 2 ms (about
+# 400 a second, 40 alive at a time), for RELIABILITY.md D21.
+CHURNING_WORKER = """
+import os, signal, sys, time
+if os.fork() == 0:
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps them
+    deadline = time.monotonic() + float(sys.argv[-1])
+    while time.monotonic() < deadline:
+        if os.fork() == 0:
+            time.sleep(0.1)  # long enough to be seen, short enough to vanish mid-read
+            os._exit(0)
+        time.sleep(0.002)
+    os._exit(0)
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_the_session_and_its_guard_survive_process_churn(
+    tmp_path: Path, spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    """D21: hundreds of processes a second appear and vanish in the watched tree; the
+    sampler and the guard never fail on one that vanished mid-read, and sweeps keep
+    their pace (each within 2 x the interval)."""
+    import logging
+    import time
+
+    from celery_warden._config import SamplerConfig
+    from celery_warden.guard import GuardConfig, attach_guard
+    from celery_warden.guard._config import MemoryPolicy, OrphanPolicy
+    from celery_warden.session import Session
+    from celery_warden.store import Store
+
+    script = tmp_path / "celery"
+    script.write_text(CHURNING_WORKER)
+    worker = spawn(
+        [sys.executable, str(script), "-A", "proj", "worker", "12"],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert worker.stdout is not None
+    assert worker.stdout.readline() == b"ready\n"
+    errors: list[logging.LogRecord] = []
+
+    class Errors(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.ERROR:
+                errors.append(record)
+
+    handler = Errors()
+    logging.getLogger("celery_warden").addHandler(handler)
+    store = Store.open(tmp_path / "warden.db")
+    session = Session(
+        store,
+        mode="watch",
+        command="churn",
+        config=SamplerConfig(interval_seconds=0.2),
+        with_probe=False,
+    )
+    config = GuardConfig(
+        act=False,
+        memory=MemoryPolicy(child_hard_mib=1.0, sustain_samples=1),
+        orphans=OrphanPolicy(grace_seconds=0.5),
+    )
+    guard = attach_guard(session, config, tmp_path / "warden.db")
+    sweeps: list[float] = []
+    session.on_sweep(lambda: sweeps.append(time.monotonic()))
+    try:
+        session.add_anchor(worker.pid)
+        session.start()
+        guard.start()
+        time.sleep(10)
+    finally:
+        guard.stop(timeout=5)
+        session.stop(exit_code=0)
+        store.close()
+        logging.getLogger("celery_warden").removeHandler(handler)
+    ended = query_count(tmp_path / "warden.db", "SELECT count(*) FROM processes")
+    assert ended > 500, f"only {ended} processes seen: no churn to survive"
+    assert errors == []
+    gaps = [b - a for a, b in itertools.pairwise(sweeps)]
+    assert len(sweeps) >= 25
+    assert max(gaps) < 2 * session.config.interval_seconds
+
+
+def query_count(store: Path, sql: str) -> int:
+    import sqlite3
+
+    conn = sqlite3.connect(store)
+    try:
+        return int(conn.execute(sql).fetchone()[0])
+    finally:
+        conn.close()
