@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import IO, TYPE_CHECKING
 
-from celery_warden import _procs
+from celery_warden import _procs, _sdnotify
 from celery_warden._records import EndReason, ProcessEnd, Role
 from celery_warden.exceptions import CommandNotFound, NoCommand, NoWorkerFound
 from celery_warden.guard.signals import Target
@@ -90,6 +90,25 @@ def forward_to_masters(
                 target.close()
 
 
+def _under_systemd(session: Session) -> None:
+    """Under a ``Type=notify`` unit: ready once sampling starts, a watchdog ping after
+    every sweep (nothing happens elsewhere)."""
+    session.on_sweep(_sdnotify.Watchdog().ping)
+    session.on_sweep(_ready_once())
+
+
+def _ready_once() -> Callable[[], None]:
+    sent = False
+
+    def ready() -> None:
+        nonlocal sent
+        if not sent:
+            sent = True
+            _sdnotify.notify("READY=1")
+
+    return ready
+
+
 def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
@@ -118,6 +137,7 @@ def run_workers(
     """
     check_commands(commands)
     procs: list[subprocess.Popen[bytes]] = []
+    _under_systemd(session)
     session.start()
     if guard is not None:
         guard.start()
@@ -215,6 +235,7 @@ def watch_workers(
     stop = threading.Event()
     for pid in masters:
         session.add_anchor(pid)
+    _under_systemd(session)
     session.start()
     if guard is not None:
         guard.start()
