@@ -159,3 +159,33 @@ def test_run_passes_the_exit_code_of_the_command_through(tmp_path: Path) -> None
     )
     assert result.returncode == 7
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["run", "--child-hard-mib", "1GB", "--", "true"], ["child_hard_mib", "1024 for 1 GiB"]),
+        (["watch", "--child-soft-mib", "900", "--child-hard-mib", "800"], ["child_soft_mib"]),
+        (["watch", "--recycle-grace-seconds", "0"], ["recycle.grace_seconds", "> 0"]),
+    ],
+)
+def test_a_bad_guard_flag_is_one_line_and_starts_nothing(
+    args: list[str], words: list[str], tmp_path: Path
+) -> None:
+    store = tmp_path / "warden.db"
+    result = _cli(*args[:1], "--store", str(store), *args[1:])
+    _assert_one_line(result, 2, *words)
+    assert not store.exists()  # refused before anything was opened
+
+
+def test_print_config_loads_back_to_the_same_config(tmp_path: Path) -> None:
+    """The printed config, given back with --config, prints the same again."""
+    first = _cli("run", "--child-hard-mib", "700", "--hang-min-seconds", "90", "--print-config")
+    assert first.returncode == 0, first.stderr
+    path = tmp_path / "guard.toml"
+    path.write_text(first.stdout)
+    path.chmod(0o600)
+    again = _cli("run", "--config", str(path), "--print-config")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout
+    assert "child_hard_mib = 700" in first.stdout

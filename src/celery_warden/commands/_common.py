@@ -77,7 +77,9 @@ _GUARD_FLAGS = (
 def guard_options(func: F) -> F:
     """``--config``, ``--print-config`` and the guard's common keys as flags."""
     for flag, key, text in reversed(_GUARD_FLAGS):
-        func = click.option(flag, key.replace(".", "__"), type=float, default=None, help=text)(func)
+        # Read as text: the config's own check says what is wrong ("1GB": the unit is
+        # in the flag's name) in the same words as for the file.
+        func = click.option(flag, key.replace(".", "__"), default=None, help=text)(func)
     func = click.option(
         "--print-config",
         is_flag=True,
@@ -98,5 +100,14 @@ def guard_overrides(params: dict[str, Any]) -> dict[str, object]:
     for _flag, key, _text in _GUARD_FLAGS:
         value = params.pop(key.replace(".", "__"), None)
         if value is not None:
-            overrides[key] = value
+            overrides[key] = _number(value)
     return overrides
+
+
+def _number(text: str) -> object:
+    """A flag's number, or its text as given when it is none (the config refuses it)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() and "." not in text else value
