@@ -46,6 +46,7 @@ from celery_warden._records import (
     Sample,
     SignalAudit,
     TaskFinished,
+    TaskState,
     WorkerInfo,
 )
 from celery_warden.exceptions import WardenError
@@ -201,9 +202,38 @@ class Guard:
         self.recorder.close()
 
     def on_task(self, message: TaskFinished) -> None:
-        """Learn how long each task name takes (the session calls this per call)."""
+        """Learn how long each task name takes (the session calls this per call), and
+        see Celery's own time limit end a call (B11)."""
         self.durations.add(message.name, message.wall_seconds)
         self._worked.add(message.pid)
+        if message.state is not TaskState.SUCCESS:
+            with self._lock:
+                self._limit_reached(message)
+
+    def _limit_reached(self, message: TaskFinished) -> None:
+        """A call that failed at its Celery time limit: Celery ends its child (TERM,
+        then KILL); the guard leaves it be and says so, once."""
+        view = self._last_view
+        info = next((i for i in view.tracked if i.pid == message.pid), None) if view else None
+        if info is None:
+            return
+        limit = self._task_setting(info.master_pid, message.name, "time_limit")
+        if not isinstance(limit, int | float) or message.wall_seconds < limit - 0.05:
+            return
+        state = self._state(info)
+        state.past_limit.pop(message.task_id, None)  # _gone must not say it again
+        if state.incident is not None:
+            return  # the guard was acting on it already
+        self._record(
+            IncidentKind.HANG,
+            (info.pid, info.start_ticks),
+            info.master_pid,
+            f"{message.name} reached its Celery time limit of {limit:g} s; Celery ends the "
+            "child, the guard sent nothing",
+            {"wall_seconds": round(message.wall_seconds, 3), "time_limit_seconds": limit},
+            Outcome.CELERY_HANDLED,
+            task=(message.name, message.task_id),
+        )
 
     def orphans_pending(self) -> bool:
         """Whether orphans are waiting for their grace or being killed (``run`` waits

@@ -423,16 +423,18 @@ class Probe:
         """worker_process_init: a pool child announces itself, so the warden knows every
         child even if it lives less than one sweep (a recycle every few tasks)."""
         try:
+            # Armed before the control socket opens: a child the warden can ask is a
+            # child that can leave.
+            self._arm_recycle()
+        except Exception:
+            self.errors += 1
+        try:
             pid, ticks = self._identity()
             with open("/proc/self/cmdline", "rb") as f:
                 argv = f.read().rstrip(b"\0").replace(b"\0", b" ")
             cmdline = argv.decode("utf-8", "replace")[:1000]
             self.channel.send(wire.encode("c", pid, ticks, os.getppid(), time.time(), cmdline))
             self._start_heartbeat()
-        except Exception:
-            self.errors += 1
-        try:
-            self._arm_recycle()
         except Exception:
             self.errors += 1
 
