@@ -11,8 +11,9 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -736,10 +737,25 @@ def test_a_capability_only_the_warden_has_does_not_pass_to_py_spy(
 # ---------------------------------------------------------------------------------------
 # The real thing: another user, with and without CAP_SYS_PTRACE (RELIABILITY.md, test 24)
 
+# Run by the system's Python from a world-readable folder of its own (the checkout, its
+# virtualenv and py-spy may sit where uid 65534 cannot read, as CI's clone does): the
+# selfcheck module is loaded by path, with the two helpers it imports given here.
 CHILD = """
-import json, subprocess, sys
-from celery_warden.guard.selfcheck import check_ptrace
-pid, spy = int(sys.argv[1]), sys.argv[2]
+import importlib.util, json, subprocess, sys, types
+stage, pid, spy = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+for name in ("celery_warden", "celery_warden.analysis", "celery_warden.guard"):
+    sys.modules[name] = types.ModuleType(name)
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+load("celery_warden.analysis._format", stage + "/_format.py")
+stacks = types.ModuleType("celery_warden.guard._stacks")
+stacks.find_py_spy = lambda: spy or None
+sys.modules["celery_warden.guard._stacks"] = stacks
+check_ptrace = load("celery_warden.guard.selfcheck", stage + "/selfcheck.py").check_ptrace
 finding = check_ptrace(pid)
 dumped = None
 if spy:
@@ -748,35 +764,64 @@ if spy:
 print(json.dumps({"finding": finding and finding.message, "dumped": dumped}))
 """
 
+
+@pytest.fixture(scope="module")
+def stage() -> Iterator[Path]:
+    """A world-readable folder with what the child runs: selfcheck, its formatter, and
+    a copy of py-spy."""
+    folder = Path(tempfile.mkdtemp(prefix="warden-selfcheck-"))
+    try:
+        folder.chmod(0o755)
+        package = Path(selfcheck.__file__).parents[1]
+        for source in (package / "guard/selfcheck.py", package / "analysis/_format.py"):
+            shutil.copy(source, folder / source.name)
+        spy = find_py_spy()
+        if spy is not None:
+            shutil.copy(spy, folder / "py-spy")
+        for path in folder.iterdir():
+            path.chmod(0o755)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 AS_NOBODY = ["--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"]
 WITH_PTRACE = ["--inh-caps", "+sys_ptrace", "--ambient-caps", "+sys_ptrace"]
 
 
-def _as_nobody(pid: int, extra: list[str], spy: str = "") -> dict[str, Any]:
+def _as_nobody(stage: Path, pid: int, extra: list[str], spy: bool = False) -> dict[str, Any]:
     """Run the check (and py-spy when ``spy``) against ``pid`` as uid 65534."""
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         pytest.skip("setpriv (util-linux) is not installed")
     if os.geteuid() != 0:
         pytest.skip("needs root to become uid 65534")
-    src = str(Path(selfcheck.__file__).parents[2])
-    env = {**os.environ, "PYTHONPATH": src, "PYTHONDONTWRITEBYTECODE": "1"}
+    python = SYSTEM_PYTHON
+    if python is None:
+        pytest.skip("no python3 in /usr/bin or /bin for uid 65534 to run")
+    copied = stage / "py-spy"
+    if spy and not copied.exists():
+        pytest.skip("py-spy is not installed")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}
+    argv = [python, "-I", "-c", CHILD, str(stage), str(pid), str(copied) if spy else ""]
     done = subprocess.run(
-        [setpriv, *AS_NOBODY, *extra, sys.executable, "-c", CHILD, str(pid), spy],
+        [setpriv, *AS_NOBODY, *extra, *argv],
         capture_output=True,
         text=True,
         env=env,
+        cwd=stage,
         timeout=60,
         check=False,
     )
     if done.returncode != 0:
         if extra and "setpriv" in done.stderr:
             pytest.skip(f"the kernel refused ambient capabilities: {done.stderr.strip()}")
-        if "PermissionError" in done.stderr or "ModuleNotFoundError" in done.stderr:
-            pytest.skip(f"uid {NOBODY} cannot import celery_warden from {src}")
         pytest.fail(done.stderr)
     result: dict[str, Any] = json.loads(done.stdout)
     return result
+
+
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
 
 
 @pytest.fixture
@@ -785,31 +830,31 @@ def root_sleep(spawn: Any) -> int:
     return proc.pid
 
 
-def test_as_nobody_against_root_is_refused(root_sleep: int) -> None:
+def test_as_nobody_against_root_is_refused(stage: Path, root_sleep: int) -> None:
     """Run as uid 65534 against a root process, the check names the uid mismatch (test 24)."""
-    result = _as_nobody(root_sleep, [])
+    result = _as_nobody(stage, root_sleep, [])
     assert result["finding"] is not None
     assert f"the warden runs as uid {NOBODY} and the worker as uid 0" in result["finding"]
     assert "CAP_SYS_PTRACE" in result["finding"]
 
 
-def test_as_nobody_with_ambient_cap_sys_ptrace_is_allowed(root_sleep: int) -> None:
+def test_as_nobody_with_ambient_cap_sys_ptrace_is_allowed(stage: Path, root_sleep: int) -> None:
     """Run as uid 65534 with ambient CAP_SYS_PTRACE, the check finds nothing in the way."""
     yama = Path("/proc/sys/kernel/yama/ptrace_scope")
     if yama.exists() and yama.read_text().strip() == "3":
         pytest.skip("Yama's ptrace_scope is 3 here: nothing may ptrace")
-    assert _as_nobody(root_sleep, WITH_PTRACE)["finding"] is None
+    assert _as_nobody(stage, root_sleep, WITH_PTRACE)["finding"] is None
 
 
 # This interpreter may live where uid 65534 cannot read it (a home directory closed to
 # others), which blocks py-spy even with CAP_SYS_PTRACE; the system's usually is readable.
-INTERPRETERS = [sys.executable, shutil.which("python3", path="/usr/bin:/bin")]
+INTERPRETERS = [sys.executable, SYSTEM_PYTHON]
 
 
 @pytest.mark.parametrize("extra", [[], WITH_PTRACE], ids=["plain", "cap_sys_ptrace"])
 @pytest.mark.parametrize("interpreter", INTERPRETERS, ids=["ours", "system"])
 def test_the_check_agrees_with_py_spy(
-    spawn: Any, extra: list[str], interpreter: str | None
+    stage: Path, spawn: Any, extra: list[str], interpreter: str | None
 ) -> None:
     """Whatever the environment (Yama, where the interpreter lives), the check says
     py-spy is blocked exactly when py-spy fails."""
@@ -824,5 +869,5 @@ def test_the_check_agrees_with_py_spy(
     )
     assert target.stdout is not None
     assert target.stdout.readline() == b"ready\n"  # an interpreter py-spy can read
-    result = _as_nobody(target.pid, extra, spy)
+    result = _as_nobody(stage, target.pid, extra, spy=True)
     assert (result["finding"] is None) == result["dumped"], result
