@@ -33,6 +33,7 @@ __all__ = [
     "Smaps",
     "Stat",
     "Vanished",
+    "age_seconds",
     "count_open_fds",
     "describe_worker_pid",
     "find_worker_masters",
@@ -205,6 +206,12 @@ def last_pid() -> int:
     full scan for new descendants.
     """
     return int(_read(f"{_PROC}/loadavg").split()[-1])
+
+
+def age_seconds(start_ticks: int) -> float:
+    """How long ago a process started, on the boot-time clock (no wall-clock step
+    changes it)."""
+    return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / CLK_TCK)
 
 
 def start_epoch(start_ticks: int) -> float:

@@ -228,6 +228,11 @@ class Sampler:
             handle = _procs.open_verified(stat.pid, stat.start_ticks, seen)
         except (_procs.Vanished, ValueError):
             return
+        except OSError as exc:  # EMFILE, or pidfd_open refused (seccomp): try again later
+            log.warning("cannot open a pidfd on PID %d (%s); retried", stat.pid, exc)
+            self._retry.add(stat.pid)
+            self._force_scan = True
+            return
         except _procs.IdentityMismatch as exc:
             log.warning("identity_mismatch: %s; not adopted", exc)
             self._retry.add(stat.pid)

@@ -103,7 +103,9 @@ class Session:
         # Signals the session sends itself (a Ctrl-C forwarded to the masters), audited
         # into the store like the guard's.
         self.signaller = Signaller(dry_run=False, audit=lambda audit: self._queue.put([audit]))
-        self._lock = threading.Lock()  # guards the sampler between its thread and callers
+        # Guards the sampler between its thread and callers; reentrant, as a signal
+        # handler forwarding a Ctrl-C may run while the main thread holds it.
+        self._lock = threading.RLock()
         self._queue: queue.SimpleQueue[list[Record] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._with_probe = with_probe

@@ -330,11 +330,14 @@ def test_a_hung_child_has_its_stack_stored_before_it_is_killed(
     assert re.search(expected, str(incident["stack"]), re.MULTILINE), incident["stack"]
     assert incident["outcome"] == "terminated"  # a Python-level wait ends on SIGTERM
     died = death.wait(10)
-    # AND the first write of the incident, pending and with the stack, came before the
-    # SIGTERM: in the store's commit order, and by the clocks (the warden's audit, and
-    # the child's end as the test saw it)
+    # AND the incident was written pending before any signal (the stack signal too),
+    # then again, still pending and with the stack, before the SIGTERM: in the store's
+    # commit order, and by the clocks (the warden's audit, and the child's end as the
+    # test saw it)
     writes = warden.writes(str(incident["id"]))
-    first = writes[0]
+    assert writes[0][1:3] == ("incident", "pending"), writes
+    before_term = writes[: next(i for i, w in enumerate(writes) if w[1] == "SIGTERM")]
+    first = [w for w in before_term if w[1] == "incident"][-1]
     assert first[1:4] == ("incident", "pending", incident["stack"])
     sigterm = [w for w in writes if w[1] == "SIGTERM"]
     assert len(sigterm) == 1, writes

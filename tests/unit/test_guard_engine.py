@@ -66,12 +66,12 @@ def _info(proc: subprocess.Popen[bytes], role: Role = Role.CHILD, master: int = 
 class World:
     """A view the test edits between ticks, and the handles of real processes."""
 
-    def __init__(self, config: GuardConfig, clock: Clock) -> None:
+    def __init__(self, config: GuardConfig, clock: Clock, *, act: bool = False) -> None:
         self.tracked: list[ProcessInfo] = []
         self.latest: dict[int, Sample] = {}
         self.running: dict[tuple[int, int], tuple[tuple[RunningTask, ...], float | None]] = {}
         self.guard = Guard(
-            replace(config, act=False),
+            replace(config, act=act),
             view=lambda: GuardView(self.tracked, self.latest, self.running, []),
             handle=self.handle,
             store_path=None,
@@ -220,3 +220,49 @@ def test_orphans_wait_for_their_grace_and_zombies_never_count(
     finally:
         master.kill()
         master.wait()
+
+
+def test_a_dry_run_records_each_decision_once_and_none_hides_another(
+    child: subprocess.Popen[bytes],
+) -> None:
+    """A hung task in a child over the hard threshold: both decisions recorded, once each,
+    however many sweeps see them."""
+    clock = Clock()
+    config = GuardConfig(
+        memory=MemoryPolicy(child_hard_mib=1.0, sustain_samples=1),
+        hang=HangPolicy(stack="none", min_seconds=10.0),
+    )
+    world = World(config, clock)
+    info = _info(child)
+    world.tracked = [info]
+    task = RunningTask("id-5", "proj.slow", time.time(), None)
+    world.running = {(info.pid, info.start_ticks): ((task,), time.time())}
+    for step in range(5):
+        clock.now += 20
+        world.latest = {info.pid: _sample(info, float(step), 500.0)}
+        world.guard.tick()
+    assert sorted(str(i.kind) for i in world.incidents()) == ["hang", "memory-hard"]
+
+
+def test_a_soft_recycle_that_cannot_be_asked_backs_off_and_costs_no_budget(
+    child: subprocess.Popen[bytes],
+) -> None:
+    """No probe in that child: asked again only after 2 s, then 4 s (not at every
+    sweep), and the worker's hourly budget is left for the hard recycles."""
+    clock = Clock()
+    config = GuardConfig(memory=MemoryPolicy(child_soft_mib=1.0, sustain_samples=1))
+    world = World(config, clock, act=True)
+    info = _info(child)
+    world.tracked = [info]
+    for step in range(6):  # at 1001 (then not before 1003), 1003 (then 1007)
+        clock.now += 1
+        world.latest = {info.pid: _sample(info, float(step), 500.0)}
+        world.guard.tick()
+        time.sleep(0.2)  # the ask runs on a thread of its own
+    incidents = world.incidents()
+    assert [(i.kind, i.outcome) for i in incidents] == [("memory-soft", "refused")] * 2
+    assert "probe" in str(incidents[0].numbers["outcome_detail"])
+    assert child.poll() is None  # nothing was sent
+    budget = world.guard._budgets[info.master_pid]
+    assert not budget.started
+    assert not budget.soft_in_flight

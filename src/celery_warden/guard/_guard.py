@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -84,7 +85,10 @@ class _Proc:
     task_seen: dict[str, float] = field(default_factory=dict)  # task id -> first seen (mono)
     beat: float | None = None  # the last heartbeat value seen...
     beat_changed: float = 0.0  # ...and when (mono)
-    incident: str | None = None  # the action under way on it
+    incident: str | None = None  # the hard action (or report) under way on it
+    recycling: str | None = None  # a soft recycle waiting for the child to leave
+    soft_failures: int = 0  # soft recycles its probe could not take on...
+    soft_retry_at: float = float("-inf")  # ...so the next is tried only from then
     reported: set[str] = field(default_factory=set)  # once-only reports (kind:task id)
     past_limit: dict[str, str] = field(default_factory=dict)  # task id -> name, over its limit
 
@@ -126,10 +130,18 @@ class _Recorder:
             return []
         try:
             with self._lock:
-                return [incident for _sid, incident in self._store.pending_incidents()]
+                pending = self._store.pending_incidents()
+                wardens = dict(
+                    self._store.connection.execute("SELECT id, warden_pid FROM sessions")
+                )
         except Exception as exc:  # noqa: BLE001 - a damaged table must not stop the guard
             log.warning("could not read pending incidents: %s", exc)
             return []
+        # Another warden still running owns its escalations (the store may be shared).
+        mine = self._session_id()
+        return [
+            incident for sid, incident in pending if sid == mine or not _alive(wardens.get(sid))
+        ]
 
     def close(self) -> None:
         with self._lock:
@@ -175,7 +187,9 @@ class Guard:
         self._settings: dict[int, dict[str, Any]] = {}  # master pid -> app settings
         self._last_work: dict[int, float] = {}  # master pid -> when a child last worked
         self._worked: set[int] = set()  # pids that finished a call since the last tick
-        self._lock = threading.Lock()  # tick() against escalation threads' callbacks
+        # tick() against the escalation threads and the listener's on_task (reentrant:
+        # a decision may finish an incident on the spot)
+        self._lock = threading.RLock()
         self._threads: list[threading.Thread] = []
         self._last_view: GuardView | None = None
         self._beating = False  # whether any probe of this session sends heartbeats
@@ -195,11 +209,13 @@ class Guard:
         self.swept.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
-        wait = self.config.recycle.grace_seconds + 5 if timeout is None else timeout
-        deadline = time.monotonic() + wait
+        h, r = self.config.hang, self.config.recycle
+        worst = h.stack_timeout_seconds + 5 + r.grace_seconds + 5  # stack, TERM, KILL
+        deadline = time.monotonic() + (worst if timeout is None else timeout)
         for thread in list(self._threads):
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        self.recorder.close()
+        if not any(thread.is_alive() for thread in self._threads):
+            self.recorder.close()  # else the process's exit closes it, after their writes
 
     def on_task(self, message: TaskFinished) -> None:
         """Learn how long each task name takes (the session calls this per call), and
@@ -321,7 +337,9 @@ class Guard:
 
     def _note_masters(self, view: GuardView, by_pid: dict[int, ProcessInfo]) -> None:
         for info in view.tracked:
-            if info.role is Role.MASTER and info.pid not in self._masters:
+            if info.role is Role.MASTER:
+                # Refreshed while it lives: a PID reused by a new master replaces the
+                # old one, and `celery worker --uid` drops root after it started.
                 with contextlib.suppress(_procs.Vanished, OSError):
                     self._masters[info.pid] = (info.start_ticks, _procs.owner_uid(info.pid))
         for worker in view.workers:
@@ -402,9 +420,12 @@ class Guard:
         if not h.enabled or not running or state.incident is not None:
             return
         for task in running:
-            first = state.task_seen.setdefault(
-                task.task_id, now - max(0.0, time.time() - task.since)
-            )
+            if task.task_id not in state.task_seen:
+                # Its age by the wall clock, at most the process's own (a monotonic
+                # figure): a wall clock stepped since cannot make it look old.
+                age = min(max(0.0, time.time() - task.since), _procs.age_seconds(info.start_ticks))
+                state.task_seen[task.task_id] = now - age
+            first = state.task_seen[task.task_id]
             runtime = now - first
             threshold, why, limit = self._hang_threshold(info.master_pid, task.name)
             if limit is not None and runtime > limit:
@@ -466,8 +487,11 @@ class Guard:
             return
         self._hard(info, state, IncidentKind.HANG, reason, numbers, now, task=task, with_stack=True)
 
-    def _stack(self, info: ProcessInfo) -> _stacks.Stack:
-        target = self._target(info)
+    def _stack(self, info: ProcessInfo, incident_id: str | None = None) -> _stacks.Stack:
+        try:
+            target = self._target(info)
+        except OSError as exc:
+            return _stacks.Stack(None, None, f"no descriptor for it: {exc.strerror or exc}")
         if target is None:
             return _stacks.Stack(None, None, "the process is no longer ours to read")
         sample = self._last_view.latest.get(info.pid) if self._last_view else None
@@ -475,7 +499,12 @@ class Guard:
         try:
             h = self.config.hang
             return _stacks.capture(
-                self.signaller, target, h.stack, h.stack_timeout_seconds, stopped=stopped
+                self.signaller,
+                target,
+                h.stack,
+                h.stack_timeout_seconds,
+                stopped=stopped,
+                incident_id=incident_id,
             )
         finally:
             target.close()
@@ -507,7 +536,10 @@ class Guard:
         )
         if sample.rss_bytes < floor * _MIB:
             return float(sample.rss_bytes)
-        handle = self._handle(info.pid, info.start_ticks)
+        try:
+            handle = self._handle(info.pid, info.start_ticks)
+        except OSError:  # out of descriptors: no reading this sweep
+            return None
         if handle is None:
             return None
         try:
@@ -704,7 +736,7 @@ class Guard:
                 continue
             try:
                 uid = _procs.owner_uid(info.pid)
-            except _procs.Vanished:
+            except (_procs.Vanished, OSError):  # hidepid: not ours to read, nor to touch
                 continue
             numbers: dict[str, Any] = {
                 "orphaned_seconds": round(now - since, 3),
@@ -798,6 +830,10 @@ class Guard:
         *,
         task: RunningTask | None,
     ) -> None:
+        if state.recycling is not None or now < state.soft_retry_at:
+            return  # asked already, or could not be lately: the hard threshold still acts
+        if self._stop.is_set() or not self._once_if_dry(state, IncidentKind.MEMORY_SOFT):
+            return
         budget = self._budget(info.master_pid)
         refusal = budget.refusal(now, hard=False) or self._serving_refusal(info, budget)
         key = (info.pid, info.start_ticks)
@@ -813,9 +849,9 @@ class Guard:
             Outcome.DRY_RUN if self.signaller.dry_run else Outcome.PENDING,
             task=_named(task),
         )
-        state.incident = incident.id
         if self.signaller.dry_run:
             return
+        state.recycling = incident.id
         budget.begin(incident.id, now, hard=False)
         thread = threading.Thread(
             target=self._soft_recycle,
@@ -854,35 +890,58 @@ class Guard:
 
     def _soft_recycle(self, info: ProcessInfo, incident: Incident, budget: WorkerBudget) -> None:
         """Ask the child's probe to leave between tasks; wait for it to go."""
-        target = self._target(info)
+        target: Target | None = None
         try:
+            target = self._target(info)
             if target is None:
                 self._finish(incident, Outcome.TARGET_GONE, "it ended before it was asked")
                 return
+            request = {"op": "recycle", "start_ticks": info.start_ticks}
             try:
-                reply = control.ask(info.pid, {"op": "recycle"}, timeout=5.0)
+                reply = control.ask(info.pid, request, timeout=5.0)
             except WardenError as exc:
-                self._finish(
-                    incident,
-                    Outcome.REFUSED,
-                    f"soft recycle needs the probe's recycle ({exc}); "
-                    "the hard threshold still applies",
-                )
+                self._soft_failed(info, incident, f"soft recycle needs the probe's recycle ({exc})")
                 return
             if not reply.get("accepted"):
-                self._finish(incident, Outcome.REFUSED, f"the probe refused: {reply.get('error')}")
+                self._soft_failed(info, incident, f"the probe refused: {reply.get('error')}")
                 return
+            with self._lock:
+                budget.accepted(self._clock())
             # It leaves when its current task is done: wait as long as that takes.
             while not self._stop.is_set():
                 if _procs.has_exited(target.handle, 0.5):
                     self._finish(incident, Outcome.RECYCLED, "it left after its task")
                     return
             self._finish(incident, Outcome.FAILED, "not seen to its end: the warden stopped")
+        except Exception as exc:  # noqa: BLE001 - EMFILE and the like: the budget must be freed
+            self._finish(incident, Outcome.FAILED, f"{type(exc).__name__}: {exc}")
         finally:
             if target is not None:
                 target.close()
             with self._lock:
                 budget.end(incident.id)
+
+    def _soft_failed(self, info: ProcessInfo, incident: Incident, why: str) -> None:
+        """Asked again only after a backoff (2 s, doubling up to 5 minutes): a child
+        just forked may not listen yet, one without the probe never will, and neither
+        may cost an incident at every sweep. The hard threshold still acts."""
+        with self._lock:
+            state = self._procs.get((info.pid, info.start_ticks))
+            if state is not None:
+                state.soft_failures += 1
+                backoff = min(300.0, 2.0 * 2 ** (state.soft_failures - 1))
+                state.soft_retry_at = self._clock() + backoff
+        self._finish(incident, Outcome.REFUSED, why + "; the hard threshold still applies")
+
+    def _once_if_dry(self, state: _Proc, kind: IncidentKind) -> bool:
+        """In a dry run each kind of decision is recorded once per process (nothing
+        acts, so nothing would end it); acting, always."""
+        if not self.signaller.dry_run:
+            return True
+        if f"dry:{kind}" in state.reported:
+            return False
+        state.reported.add(f"dry:{kind}")
+        return True
 
     def _hard(
         self,
@@ -897,6 +956,8 @@ class Guard:
         with_stack: bool = False,
     ) -> None:
         key = (info.pid, info.start_ticks)
+        if "unkillable" in state.reported or self._stop.is_set():
+            return
         if task is not None:
             kills = self.poison.kills(task.task_id, now)
             if kills >= self.config.poison.max_kills:
@@ -922,8 +983,6 @@ class Guard:
         state.reported.discard(f"refused:{kind}")
         if task is not None:
             reason += self._loss_note(info.master_pid, task)
-            if not self.signaller.dry_run:
-                self.poison.add(task.task_id, now)
         self._escalate(
             info, state, kind, reason, numbers, task=task, with_stack=with_stack, budget=budget
         )
@@ -960,32 +1019,51 @@ class Guard:
         grace unless it exited: on a thread of its own, so neither a slow py-spy nor the
         grace holds up the decisions on other processes, and the KILL lands on time."""
         dry = self.signaller.dry_run
+        if self._stop.is_set() or not self._once_if_dry(state, kind):
+            return
         incident_id, decided = uuid.uuid4().hex, time.time()
-        state.incident = incident_id
-        if budget is not None and not dry:
-            budget.begin(incident_id, self._clock(), hard=True)
+        if not dry:
+            state.incident = incident_id
+            if budget is not None:
+                budget.begin(incident_id, self._clock(), hard=True)
 
         def escalate() -> None:
             grace = self.config.recycle.grace_seconds
-            stack = self._stack(info).stored() if with_stack else None
-            incident = self._record(
-                kind,
-                (info.pid, info.start_ticks),
-                info.master_pid,
-                reason,
-                {**numbers, "grace_seconds": grace},
-                Outcome.DRY_RUN if dry else Outcome.PENDING,
-                task=_named(task),
-                stack=stack,
-                deadline=None if dry else time.time() + grace,
-                incident_id=incident_id,
-                t=decided,
-            )
+
+            def record(stack: str | None) -> Incident:
+                return self._record(
+                    kind,
+                    (info.pid, info.start_ticks),
+                    info.master_pid,
+                    reason,
+                    {**numbers, "grace_seconds": grace},
+                    Outcome.DRY_RUN if dry else Outcome.PENDING,
+                    task=_named(task),
+                    stack=stack,
+                    deadline=None if dry else time.time() + grace,
+                    incident_id=incident_id,
+                    t=decided,
+                )
+
+            incident = record(None)  # stored before any signal, the stack signal too
+            if with_stack:  # and again with the stack, before TERM
+                incident = record(self._stack(info, incident_id).stored())
+            if with_stack and task is not None and not self._still_running(info, task):
+                self._finish(incident, Outcome.REPORTED, "its task ended while its stack was read")
+                if budget is not None:
+                    with self._lock:
+                        budget.end(incident_id)
+                return
             self._terminate(info, incident, budget)
 
         thread = threading.Thread(target=escalate, name="warden-escalate", daemon=True)
         self._threads.append(thread)
         thread.start()
+
+    def _still_running(self, info: ProcessInfo, task: RunningTask) -> bool:
+        """Whether ``info`` still runs ``task`` (a TERM must not land on the next one)."""
+        running, _beat = self._view().running.get((info.pid, info.start_ticks), ((), None))
+        return any(t.task_id == task.task_id for t in running)
 
     def _terminate(
         self,
@@ -994,8 +1072,9 @@ class Guard:
         budget: WorkerBudget | None,
         kill_at: float | None = None,
     ) -> None:
-        target = self._target(info)
+        target: Target | None = None
         try:
+            target = self._target(info)
             if target is None:
                 self._finish(incident, Outcome.TARGET_GONE, "it ended before any signal")
                 return
@@ -1006,9 +1085,14 @@ class Guard:
                 if result == "dry-run":
                     return
                 if result != "sent":
-                    outcome = Outcome.TARGET_GONE if result == "gone" else Outcome.FAILED
-                    self._finish(incident, outcome, f"SIGTERM {result}")
+                    if result == "gone":
+                        self._finish(incident, Outcome.TARGET_GONE, "SIGTERM: gone")
+                    else:
+                        self._unkillable(incident, f"SIGTERM {result}")
                     return
+                if incident.task_id is not None:
+                    with self._lock:
+                        self.poison.add(incident.task_id, self._clock())
                 kill_at = sent_at + grace
             if _procs.has_exited(target.handle, max(0.0, kill_at - time.monotonic())):
                 ms = round((time.monotonic() - kill_at + grace) * 1000)
@@ -1019,17 +1103,29 @@ class Guard:
             result = self.signaller.send(target, signal.SIGKILL, incident_id=incident.id)
             if result == "gone":
                 self._finish(incident, Outcome.TERMINATED, "it exited as the grace ended")
-            elif result == "sent":
-                _procs.has_exited(target.handle, 5.0)
+            elif result == "sent" and _procs.has_exited(target.handle, 5.0):
                 self._finish(incident, Outcome.KILLED, f"no exit within {grace:g} s of SIGTERM")
+            elif result == "sent":
+                self._unkillable(incident, "still there 5 s after SIGKILL (uninterruptible sleep?)")
             else:
-                self._finish(incident, Outcome.FAILED, f"SIGKILL {result}")
+                self._unkillable(incident, f"SIGKILL {result}")
+        except Exception as exc:  # noqa: BLE001 - EMFILE and the like: never left pending
+            self._finish(incident, Outcome.FAILED, f"{type(exc).__name__}: {exc}")
         finally:
             if target is not None:
                 target.close()
             if budget is not None:
                 with self._lock:
                     budget.end(incident.id)
+
+    def _unkillable(self, incident: Incident, why: str) -> None:
+        """A process that a signal could not end is not signalled again: a loop of kills
+        on a process in uninterruptible sleep (a hung NFS mount) helps nobody."""
+        with self._lock:
+            state = self._procs.get((incident.pid, incident.start_ticks))
+            if state is not None:
+                state.reported.add("unkillable")
+        self._finish(incident, Outcome.FAILED, why + "; not signalled again")
 
     def _warm_restart(
         self, info: ProcessInfo, state: _Proc, reason: str, numbers: dict[str, Any]
@@ -1073,9 +1169,14 @@ class Guard:
             if _procs.has_exited(target.handle, grace):
                 self._finish(incident, Outcome.TERMINATED, "the worker shut down warmly")
                 return
-            view = self._last_view
-            tree = [i for i in (view.tracked if view else []) if i.master_pid == info.pid]
+            uid = self._masters.get(info.pid, (0, -1))[1]
+            tree = [i for i in self._view().tracked if i.master_pid == info.pid]
             for member in sorted(tree, key=lambda i: i.role is Role.MASTER):
+                try:
+                    if _procs.owner_uid(member.pid) != uid:
+                        continue  # another user's: never touched (C17)
+                except (_procs.Vanished, OSError):
+                    continue
                 other = self._target(member)
                 if other is not None:
                     try:
@@ -1141,12 +1242,11 @@ class Guard:
         self.recorder.incident(done)
         with self._lock:
             state = self._procs.get((incident.pid, incident.start_ticks))
-            if (
-                state is not None
-                and state.incident == incident.id
-                and outcome is not Outcome.PENDING
-            ):
-                state.incident = None
+            if state is not None and outcome is not Outcome.PENDING:
+                if state.incident == incident.id:
+                    state.incident = None
+                if state.recycling == incident.id:
+                    state.recycling = None
 
     # -- after a restart ------------------------------------------------------------------
 
@@ -1194,8 +1294,15 @@ class Guard:
                 incident, Outcome.TARGET_GONE, "not found in any watched tree after restart"
             )
             return
-        kill_at = time.monotonic() + max(0.0, (incident.deadline or 0.0) - time.time())
+        grace = self.config.recycle.grace_seconds
+        kill_at = time.monotonic() + min(grace, max(0.0, (incident.deadline or 0.0) - time.time()))
         self._terminate(info, incident, None, kill_at=kill_at)
+
+
+def _alive(pid: object) -> bool:
+    """Whether a warden with this PID (from the store) still runs; a reused PID reads as
+    alive, which only leaves its escalation alone."""
+    return isinstance(pid, int) and pid != os.getpid() and os.path.exists(f"/proc/{pid}")
 
 
 def _transient(refusal: str) -> bool:

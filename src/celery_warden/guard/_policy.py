@@ -110,12 +110,18 @@ class PoisonLedger:
 class WorkerBudget:
     """One worker's recycles: at most ``max_parallel`` in flight, hard ones at least
     ``min_interval`` apart (billiard stops a pool whose children die faster than it
-    restarts them: ``RestartFreqExceeded``), and ``max_per_hour`` in any hour."""
+    restarts them: ``RestartFreqExceeded``), and ``max_per_hour`` in any hour.
+
+    A soft recycle may wait for a long task: it never holds up a hard one (a hang or a
+    child over the hard threshold elsewhere in the worker), and counts toward the hourly
+    rate only once the child's probe accepted it (:meth:`accepted`).
+    """
 
     max_parallel: int
     min_interval: float
     max_per_hour: int
-    in_flight: set[str] = field(default_factory=set)  # incident ids
+    in_flight: set[str] = field(default_factory=set)  # hard recycles' incident ids
+    soft_in_flight: set[str] = field(default_factory=set)
     started: deque[float] = field(default_factory=deque)
     last_hard: float = float("-inf")
 
@@ -123,8 +129,9 @@ class WorkerBudget:
         """Why a recycle may not start now, or None."""
         while self.started and self.started[0] < now - 3600.0:
             self.started.popleft()
-        if len(self.in_flight) >= self.max_parallel:
-            return f"{len(self.in_flight)} recycle(s) of this worker in flight (max_parallel)"
+        busy = len(self.in_flight) + (0 if hard else len(self.soft_in_flight))
+        if busy >= self.max_parallel:
+            return f"{busy} recycle(s) of this worker in flight (max_parallel)"
         if len(self.started) >= self.max_per_hour:
             return f"{len(self.started)} recycles of this worker in the last hour (max_per_hour)"
         if hard and now - self.last_hard < self.min_interval:
@@ -132,10 +139,17 @@ class WorkerBudget:
         return None
 
     def begin(self, incident_id: str, now: float, *, hard: bool) -> None:
-        self.in_flight.add(incident_id)
-        self.started.append(now)
         if hard:
+            self.in_flight.add(incident_id)
+            self.started.append(now)
             self.last_hard = now
+        else:
+            self.soft_in_flight.add(incident_id)
+
+    def accepted(self, now: float) -> None:
+        """A soft recycle the child's probe took on: it counts toward the hourly rate."""
+        self.started.append(now)
 
     def end(self, incident_id: str) -> None:
         self.in_flight.discard(incident_id)
+        self.soft_in_flight.discard(incident_id)

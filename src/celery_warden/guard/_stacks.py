@@ -80,7 +80,9 @@ def _py_spy_error(stderr: str) -> str:
     return next((line for line in lines if line), "no output")
 
 
-def _faulthandler(signaller: Signaller, target: Target, timeout: float) -> tuple[str | None, str]:
+def _faulthandler(
+    signaller: Signaller, target: Target, timeout: float, incident_id: str | None
+) -> tuple[str | None, str]:
     path = stackdump.stack_file_for(target.pid)
     if path is None:
         return None, "the probe registered no faulthandler file for this process"
@@ -90,7 +92,7 @@ def _faulthandler(signaller: Signaller, target: Target, timeout: float) -> tuple
         offset = path.stat().st_size
     except OSError as exc:
         return None, f"cannot read {path}: {exc.strerror}"
-    result = signaller.send(target, STACK_SIGNAL, detail="stack dump")
+    result = signaller.send(target, STACK_SIGNAL, incident_id=incident_id, detail="stack dump")
     if result != "sent":
         return None, f"stack signal {result}"
     text = stackdump.read_new(path, offset, timeout)
@@ -98,7 +100,13 @@ def _faulthandler(signaller: Signaller, target: Target, timeout: float) -> tuple
 
 
 def capture(
-    signaller: Signaller, target: Target, method: str, timeout: float, *, stopped: bool = False
+    signaller: Signaller,
+    target: Target,
+    method: str,
+    timeout: float,
+    *,
+    stopped: bool = False,
+    incident_id: str | None = None,
 ) -> Stack:
     """The stacks of ``target`` by ``method`` (``auto``: py-spy, then faulthandler;
     a dry run sends no signal, so py-spy alone). A ``stopped`` process (SIGSTOP) cannot
@@ -120,7 +128,7 @@ def capture(
             return Stack(text, "py-spy")
         reasons.append(why)
     if method in ("auto", "faulthandler") and not signaller.dry_run and not stopped:
-        text, why = _faulthandler(signaller, target, min(timeout, 5.0))
+        text, why = _faulthandler(signaller, target, min(timeout, 5.0), incident_id)
         if text:
             return Stack(text, "faulthandler")
         reasons.append(why)

@@ -72,6 +72,10 @@ def operations(probe: Probe) -> dict[str, Callable[[dict[str, Any]], dict[str, A
         }
 
     def recycle(request: dict[str, Any]) -> dict[str, Any]:
+        ticks = request.get("start_ticks")
+        if ticks is not None and ticks != probe.identity()[1]:
+            # The PID the warden meant was reused by this process: not the one to leave.
+            return {"accepted": False, "error": "another process than the one asked for"}
         if not probe.can_recycle():
             return {
                 "accepted": False,

@@ -155,10 +155,12 @@ def _guard_action(
         views.now = GuardView([master, child], {pid: fat}, {}, [])
         ticks_to_run = [views.now]
     elif action == "hang":
-        base.update({"hang.enabled": True, "hang.min_seconds": 1.0})
-        task = RunningTask("task-a1", "guard.wait_forever", time.time() - 100, None)
+        # Two ticks a (fake) second apart: a task is never older than its process, so
+        # its runtime is counted from the first tick that sees it.
+        base.update({"hang.enabled": True, "hang.min_seconds": 0.5})
+        task = RunningTask("task-a1", "guard.wait_forever", time.time(), None)
         views.now = GuardView([master, child], {}, {(pid, ticks): ((task,), time.time())}, [])
-        ticks_to_run = [views.now]
+        ticks_to_run = [views.now, views.now]
     else:  # orphan: the master is seen in one tick, gone in the next
         base.update({"orphans.action": "kill", "orphans.grace_seconds": 0.001})
         gone = GuardView([child], {}, {}, [])
