@@ -7,7 +7,15 @@ import sqlite3
 import sys
 from pathlib import Path
 
-__all__ = ["APP_DIR", "BROKERS", "query", "warden_command", "worker_command", "worker_env"]
+__all__ = [
+    "APP_DIR",
+    "BROKERS",
+    "marked_line",
+    "query",
+    "warden_command",
+    "worker_command",
+    "worker_env",
+]
 
 APP_DIR = Path(__file__).parent / "app"
 BROKERS = {
@@ -47,3 +55,12 @@ def query(store: Path, sql: str, *params: object) -> list[tuple[object, ...]]:
         return []  # the schema is not there yet
     finally:
         conn.close()
+
+
+def marked_line(path: Path, name: str) -> int:
+    """The number of the line of ``path`` ending in ``# line: NAME`` (the test apps mark
+    the lines a stack dump must name)."""
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.rstrip().endswith(f"# line: {name}"):
+            return number
+    raise AssertionError(f"no line {name} in {path}")

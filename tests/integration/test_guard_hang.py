@@ -32,7 +32,7 @@ from celery_warden.probe._control import CONTROL_DIR_ENV
 from celery_warden.probe._hooks import HEARTBEAT_ENV
 from celery_warden.store import Store
 from tests._support import wait_until
-from tests.integration._workers import APP_DIR, BROKERS, query, worker_env
+from tests.integration._workers import APP_DIR, BROKERS, marked_line, query, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -62,10 +62,7 @@ END;
 
 
 def _line(name: str) -> int:
-    for number, line in enumerate(GUARD_FILE.read_text().splitlines(), start=1):
-        if line.rstrip().endswith(f"# line: {name}"):
-            return number
-    raise AssertionError(f"no line {name} in {GUARD_FILE}")
+    return marked_line(GUARD_FILE, name)
 
 
 @dataclass

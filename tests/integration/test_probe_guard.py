@@ -39,7 +39,7 @@ from celery_warden.probe._control import CONTROL_DIR_ENV, socket_name
 from celery_warden.probe._hooks import HEARTBEAT_ENV
 from celery_warden.probe._stack import STACK_SIGNAL
 from tests._support import wait_until
-from tests.integration._workers import APP_DIR, BROKERS, worker_env
+from tests.integration._workers import APP_DIR, BROKERS, marked_line, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -48,10 +48,7 @@ EX_RECYCLE = 0x9B  # billiard's exit code for a child that leaves by its own lim
 
 
 def _line(name: str) -> int:
-    for number, line in enumerate(GUARD_FILE.read_text().splitlines(), start=1):
-        if line.rstrip().endswith(f"# line: {name}"):
-            return number
-    raise AssertionError(f"no line {name} in {GUARD_FILE}")
+    return marked_line(GUARD_FILE, name)
 
 
 @dataclass

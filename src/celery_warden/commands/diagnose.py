@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +18,7 @@ from celery_warden._procs import Vanished, find_worker_masters, read_cmdline
 from celery_warden.commands._common import resolve_store, seconds_option, store_option
 from celery_warden.diagnose import diagnose, store_diagnosis
 from celery_warden.exceptions import NoWorkerFound, StoreError, UsageError, WardenError
+from celery_warden.guard._stacks import find_py_spy
 from celery_warden.reporters.diagnosis import render_diagnosis
 
 __all__ = ["command", "nodename_of", "probed_children"]
@@ -95,9 +94,7 @@ def probed_children(master: int) -> list[psutil.Process]:
 def _stacks_without_probe(pid: int, reason: control.NoProbe) -> int:
     """What can still be seen of a process without the probe: its stacks, by py-spy."""
     click.echo(f"celery-warden: {reason}", err=True)
-    # The `stacks` extra installs it beside this Python, which may not be on PATH.
-    beside = os.path.join(os.path.dirname(sys.executable), "py-spy")
-    spy = shutil.which("py-spy") or (beside if os.access(beside, os.X_OK) else None)
+    spy = find_py_spy()
     if spy is None:
         click.echo(
             "celery-warden: without the probe only stacks can be read, with py-spy "
