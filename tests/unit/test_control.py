@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,28 @@ def test_a_stale_socket_or_another_process_answering_is_refused(control_dir: Pat
                 control.ask(sleeper.pid, {"op": "hello"})
         finally:
             squatter.close()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_socket_older_than_its_process_is_a_leftover_of_the_pid_s_last_owner(
+    control_dir: Path,
+) -> None:
+    """A worker killed with SIGKILL leaves its socket; a new process given the same PID
+    later has no probe, and is told so rather than of a stale socket."""
+    control_dir.mkdir(mode=0o700)
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        path = str(control_dir / socket_name(sleeper.pid))
+        leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        leftover.bind(path)
+        leftover.close()
+        hour_ago = time.time() - 3600
+        os.utime(path, (hour_ago, hour_ago), follow_symlinks=False)
+        with pytest.raises(control.NoProbe, match="no celery-warden probe listening"):
+            control.ask(sleeper.pid, {"op": "hello"})
+        assert os.path.exists(path)  # reading never deletes what it did not make
     finally:
         sleeper.kill()
         sleeper.wait()
