@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -66,10 +67,10 @@ class Guarded:
     def send(self, name: str, *args: object) -> None:
         self.send_task(name, args=args, queue=self.queue)
 
-    def ask(self, pid: int, request: dict[str, Any]) -> dict[str, Any]:
+    def ask(self, pid: int, request: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
         """One control request, straight to the process's socket."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(10)
+            sock.settimeout(timeout)
             sock.connect(str(self.control_dir / socket_name(pid)))
             sock.sendall(json.dumps(request).encode() + b"\n")
             reply = b""
@@ -181,7 +182,11 @@ def test_a_busy_child_asked_to_recycle_finishes_its_task_then_leaves(guarded: Gu
     assert isinstance(child, int)
     # WHEN the warden asks it to recycle (twice: asking again changes nothing), and more
     # tasks arrive meanwhile
-    assert guarded.ask(child, {"op": "recycle"}) == {"accepted": True, "busy": ["guard.sleep_for"]}
+    assert guarded.ask(child, {"op": "recycle"}) == {
+        "accepted": True,
+        "busy": ["guard.sleep_for"],
+        "after_trace": False,
+    }
     assert guarded.ask(child, {"op": "recycle"})["accepted"] is True
     for _ in range(6):
         guarded.send("guard.sleep_for", 0.2)
@@ -220,7 +225,7 @@ def test_an_idle_child_asked_to_recycle_leaves_at_once(guarded: Guarded) -> None
         asked_at = time.monotonic()
         reply = guarded.ask(child, {"op": "recycle"})
         # THEN it answers, and leaves within 1.5 s, with billiard's recycle exit code
-        assert reply == {"accepted": True, "busy": []}
+        assert reply == {"accepted": True, "busy": [], "after_trace": False}
         assert select.select([pidfd], [], [], 5.0)[0]
         assert time.monotonic() - asked_at < 1.5
     end = wait_until(lambda: guarded.end_of(child), what="the child's exit message")
@@ -233,6 +238,43 @@ def test_an_idle_child_asked_to_recycle_leaves_at_once(guarded: Guarded) -> None
     for _ in range(4):
         guarded.send("guard.sleep_for", 0.1)
     wait_until(lambda: len(guarded.finished("guard.sleep_for")) == 4, what="4 tasks")
+    assert {f.state for f in guarded.finished("guard.sleep_for")} == {TaskState.SUCCESS}
+
+
+def test_a_child_being_traced_leaves_only_once_the_trace_is_over(guarded: Guarded) -> None:
+    """A soft recycle never cuts a diagnosis short: the traced child keeps serving until
+    its trace has the calls it asked for, answers, and only then leaves."""
+    # GIVEN a diagnosis tracing the next 4 calls in one child
+    child = guarded.children()[0]
+    replies: list[dict[str, Any]] = []
+    request = {"op": "trace", "task": "guard.sleep_for", "calls": 4, "timeout": 60}
+    tracer = threading.Thread(target=lambda: replies.append(guarded.ask(child, request, 70)))
+    tracer.start()
+    sent = 0
+    try:
+        wait_until(lambda: guarded.ask(child, {"op": "hello"})["tracing"], what="the trace")
+        # WHEN the warden asks that child to recycle, and tasks keep coming
+        reply = guarded.ask(child, {"op": "recycle"})
+        assert (reply["accepted"], reply["after_trace"]) == (True, True)
+        deadline = time.monotonic() + 60
+        while tracer.is_alive() and time.monotonic() < deadline:
+            for _ in range(4):  # a burst: an idle master hands each task to its first child
+                guarded.send("guard.sleep_for", 0.05)
+            sent += 4
+            tracer.join(timeout=0.3)
+    finally:
+        tracer.join(timeout=70)
+    # THEN the trace got its 4 calls and answered in full
+    (answer,) = replies
+    assert answer["trace"]["calls_traced"] == 4
+    # AND only then the child leaves, by billiard's recycle exit
+    end = wait_until(lambda: guarded.end_of(child), timeout=30, what="the child's exit")
+    assert isinstance(end, ProcessEnd)
+    assert (end.exit_code, end.reason) == (EX_RECYCLE, EndReason.RECYCLED)
+    ran = [m for m in guarded.finished("guard.sleep_for") if m.pid == child]
+    assert len(ran) >= 4
+    assert all(f.t <= end.t for f in ran)
+    wait_until(lambda: len(guarded.finished("guard.sleep_for")) == sent, what="every task")
     assert {f.state for f in guarded.finished("guard.sleep_for")} == {TaskState.SUCCESS}
 
 

@@ -469,7 +469,7 @@ def test_a_pool_child_asked_to_recycle_leaves_between_jobs_by_billiards_exit(
     reply = operations(probe)["recycle"]({})
     # THEN nothing happens before the reply is sent (the server runs this after it)
     assert reply.pop(AFTER_REPLY)() is True
-    assert reply == {"accepted": True, "busy": []}
+    assert reply == {"accepted": True, "busy": [], "after_trace": False}
     waiting.join(5)
     # AND the wait leaves by billiard's recycle exit, as every later one would
     assert exits == [pool.EX_RECYCLE]
@@ -483,6 +483,48 @@ def test_a_pool_child_asked_to_recycle_leaves_between_jobs_by_billiards_exit(
     end, _ = wire.decode(receiver.recv())
     assert isinstance(end, ProcessEnd)
     assert (end.reason, end.exit_code) == (EndReason.RECYCLED, pool.EX_RECYCLE)
+
+
+def test_a_held_child_asked_to_recycle_serves_on_and_leaves_on_release(
+    receiver: Receiver, make_probe: Callable[[str], Probe], pool_child: Any
+) -> None:
+    """A diagnosis holds the child (a trace needs its calls, its answer must be out): a
+    recycle asked meanwhile wakes the loop without ending it, jobs still go through,
+    and the release makes the waiting loop leave."""
+    from billiard import pool
+
+    # GIVEN a pool child held by a diagnosis, asked to recycle while it waits
+    probe = make_probe(receiver.path)
+    probe.on_process_init()
+    probe.hold()
+    exits: list[object] = []
+    jobs: list[object] = []
+
+    def loop() -> None:
+        try:
+            while True:
+                jobs.append(pool_child.wait_for_job())
+        except SystemExit as exc:
+            exits.append(exc.code)
+
+    waiting = threading.Thread(target=loop)
+    waiting.start()
+    reply = operations(probe)["recycle"]({})
+    assert reply.pop(AFTER_REPLY)() is True
+    assert reply == {"accepted": True, "busy": [], "after_trace": True}
+    # WHEN a job arrives while it is held
+    pool_child.inq.put((pool.TASK, ("job", 1, None, (), {})))
+    # THEN the loop gets it, and does not leave
+    deadline = time.monotonic() + 5
+    while not jobs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert jobs == [(pool.TASK, ("job", 1, None, (), {}))]
+    assert waiting.is_alive()
+    assert exits == []
+    # AND once released, the waiting loop leaves by billiard's recycle exit
+    probe.release()
+    waiting.join(5)
+    assert exits == [pool.EX_RECYCLE]
 
 
 def _settings_app(broker: str = "redis://:hunter2@127.0.0.1:6379/3") -> Any:

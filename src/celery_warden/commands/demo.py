@@ -2,7 +2,8 @@
 
 Three workers of a bundled app (one queue each) run under the warden on kombu's
 filesystem transport; one task leaks, two do not. The demo sends the tasks, shows the
-progress, stops the workers with a warm shutdown and prints the report.
+progress, lets the guard recycle the leaking child softly once its private memory
+passes a threshold, stops the workers with a warm shutdown and prints the report.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from celery_warden.commands._common import Context
 from celery_warden.commands.diagnose import probed_children
 from celery_warden.diagnose import diagnose, store_diagnosis
 from celery_warden.exceptions import NoWorkerFound, WardenError
+from celery_warden.guard import attach_guard, load_config
 from celery_warden.reporters import TextReporter
 from celery_warden.runner import forward_to_masters, run_workers
 from celery_warden.session import Session
@@ -36,6 +38,10 @@ __all__ = ["command"]
 _QUEUES = ("leaky", "churn", "nap")
 _START_TIMEOUT_SECONDS = 60.0
 _STALL_SECONDS = 20.0
+# The leaking child passes 48 MiB of private memory about half way through the default
+# run (its siblings stay under 30 MiB): the guard asks it to leave after its task, and a
+# fresh child takes over. The hard threshold is out of reach, on purpose.
+_GUARD = {"memory.child_soft_mib": 48, "memory.child_hard_mib": 1024, "act": True}
 
 
 def _worker_command(queue: str) -> list[str]:
@@ -80,13 +86,20 @@ def command(ctx: Context, task_count: int, store_path: Path | None) -> int:
             session = Session(
                 store, mode="demo", command=f"celery-warden demo --tasks {task_count}"
             )
+            guard = attach_guard(session, load_config(None, _GUARD), store.path)
             diagnosis = _Diagnosis(store.path, console)
             driver = threading.Thread(
                 target=_follow, args=(session, task_count, console, diagnosis), daemon=True
             )
             driver.start()
             with (Path(folder) / "workers.log").open("wb") as log:
-                run_workers(session, [_worker_command(q) for q in _QUEUES], stdout=log, stderr=log)
+                run_workers(
+                    session,
+                    [_worker_command(q) for q in _QUEUES],
+                    stdout=log,
+                    stderr=log,
+                    guard=guard,
+                )
             driver.join(timeout=5)
             report = build_report(read_snapshot(store.connection, session.session_id))
         finally:

@@ -45,8 +45,10 @@ _RESULTS: list[list[str]] = []
 
 @app.task(name="demo.leaky")
 def leaky(n: int) -> int:
-    """Keeps about 40 KB of strings per call in a module-level list: a real leak."""
+    """Keeps about 40 KB of strings per call in a module-level list: a real leak.
+    Waits 3 ms too, so the guard sees it grow over seconds, not in a burst."""
     _RESULTS.append([f"record-{n}-{i:06d}" for i in range(800)])
+    time.sleep(0.003)
     return len(_RESULTS)
 
 

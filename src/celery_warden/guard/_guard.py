@@ -907,10 +907,13 @@ class Guard:
                 return
             with self._lock:
                 budget.accepted(self._clock())
+            left = "it left after its task"
+            if reply.get("after_trace"):
+                left += " and the diagnosis tracing it"
             # It leaves when its current task is done: wait as long as that takes.
             while not self._stop.is_set():
                 if _procs.has_exited(target.handle, 0.5):
-                    self._finish(incident, Outcome.RECYCLED, "it left after its task")
+                    self._finish(incident, Outcome.RECYCLED, left)
                     return
             self._finish(incident, Outcome.FAILED, "not seen to its end: the warden stopped")
         except Exception as exc:  # noqa: BLE001 - EMFILE and the like: the budget must be freed

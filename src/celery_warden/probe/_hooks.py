@@ -219,7 +219,9 @@ class Probe:
         self.trace: Trace | None = None  # a diagnosis tracing a task name here
         self._control: ControlServer | None = None
         self.stack = StackDump()
-        self.recycle_requested = False  # the warden asked this pool child to leave
+        self.recycle_requested = False  # the warden asked this pool child to leave...
+        self._holds = 0  # ...but diagnoses in progress here need it until they answer
+        self._holds_lock = threading.Lock()
         self._recycle_pipe = (-1, -1)  # written to wake an idle child that should leave
         self._recycle_pid = 0  # the process whose billiard loop the wrapper is in
         if heartbeat_seconds is None:
@@ -307,6 +309,23 @@ class Probe:
             os.write(self._recycle_pipe[1], b"r")
         return True
 
+    def hold(self) -> None:
+        """Keep this child from leaving on a recycle request until :meth:`release`: a
+        trace needs its calls, and its answer must be out before the process ends."""
+        with self._holds_lock:
+            self._holds += 1
+
+    def release(self) -> None:
+        """End a :meth:`hold`; a recycle asked meanwhile happens now."""
+        with self._holds_lock:
+            self._holds -= 1
+            free = self._holds == 0
+        if free and self.recycle_requested:
+            self.request_recycle()  # wakes the loop, which leaves
+
+    def held(self) -> bool:
+        return self._holds > 0
+
     def _arm_recycle(self) -> None:
         """Let ``request_recycle`` end this pool child between tasks, by billiard's own
         way out: the one a child at ``max_tasks_per_child`` takes.
@@ -319,7 +338,9 @@ class Probe:
         job written to this child but never read is put back for another child. An idle
         child blocks reading its job pipe; the wrapper waits on that pipe and on a wake-up
         pipe of its own, so an idle child leaves as soon as it is asked, not at its next
-        job. Outside a billiard pool child it does nothing.
+        job. A child held by a diagnosis keeps serving until the diagnosis has answered
+        (a trace needs its calls; :meth:`release` wakes the loop). Outside a billiard
+        pool child it does nothing.
         """
         from billiard import pool, process
 
@@ -334,11 +355,14 @@ class Probe:
         waiter.register(wake_reader, select.POLLIN)
 
         def wait_for_job() -> Any:
-            if not self.recycle_requested:
-                waiter.poll()  # a job (or the pipe closed), or a recycle request
-            if self.recycle_requested:
-                sys.exit(pool.EX_RECYCLE)  # looked up now: billiard's recording exit
-            return original()
+            while True:
+                if self.recycle_requested and not self.held():
+                    sys.exit(pool.EX_RECYCLE)  # looked up now: billiard's recording exit
+                ready = {fd for fd, _event in waiter.poll()}
+                if jobs in ready or wake_reader not in ready:
+                    return original()  # a job, or the pipe closed: billiard reads it
+                with contextlib.suppress(OSError):  # woken: drained, then judged again
+                    os.read(wake_reader, 64)
 
         worker.wait_for_job = wait_for_job
         self._recycle_pipe, self._recycle_pid = (wake_reader, wake_writer), os.getpid()

@@ -9,7 +9,8 @@
   when they are done or ``timeout`` seconds have passed, whichever comes first;
 - ``recycle``: have this pool child leave after its current task, or at once when idle,
   by billiard's own way out (``Probe.request_recycle``): the soft recycle that never
-  interrupts a task, as SIGTERM to a busy child would. Asking again changes nothing;
+  interrupts a task, as SIGTERM to a busy child would; a child being traced leaves
+  when the trace is over. Asking again changes nothing;
 - ``queues``: in a worker's master, how many messages wait in each queue it consumes
   from (a passive declare on a connection of its own): the guard asks when every child
   has sat idle for long, to tell "nothing to do" from "stopped consuming".
@@ -83,8 +84,14 @@ def operations(probe: Probe) -> dict[str, Callable[[dict[str, Any]], dict[str, A
                 "(a worker's master, or the solo or threads pool)",
             }
         # Requested once the reply is out: an idle child is gone within milliseconds
-        # (billiard's master TERMs a child as soon as it says it is leaving).
-        return {"accepted": True, "busy": probe.running_names(), AFTER_REPLY: probe.request_recycle}
+        # (billiard's master TERMs a child as soon as it says it is leaving). A child
+        # being traced leaves when the trace is over.
+        return {
+            "accepted": True,
+            "busy": probe.running_names(),
+            "after_trace": probe.held(),
+            AFTER_REPLY: probe.request_recycle,
+        }
 
     def queues(request: dict[str, Any]) -> dict[str, Any]:
         app = probe.app
@@ -130,6 +137,8 @@ def operations(probe: Probe) -> dict[str, Callable[[dict[str, Any]], dict[str, A
         closed: Callable[[], bool] = request.get("_closed") or (lambda: False)
         if not busy.acquire(blocking=False):
             return {"error": "a trace is already running in this process"}
+        probe.hold()  # a recycle asked meanwhile waits for this answer to be out
+        handed_over = False
         try:
             reply = identity()
             reply["before"] = _alloc.breakdown()
@@ -150,9 +159,13 @@ def operations(probe: Probe) -> dict[str, Callable[[dict[str, Any]], dict[str, A
             reply["after"] = _alloc.breakdown()
             if request.get("trim"):
                 reply["trim"] = _alloc.trim()
+            reply[AFTER_REPLY] = probe.release
+            handed_over = True
             return reply
         finally:
             busy.release()
+            if not handed_over:  # no answer to send: let go now
+                probe.release()
 
     return {
         "hello": hello,
