@@ -50,21 +50,9 @@ def _owner(pid: int) -> int:
         raise NotAWorker(f"PID {pid} cannot be read by this user") from None
 
 
-# psutil derives a start time from boot time and clock ticks: allow for its rounding.
-_CLOCK_SLACK_SECONDS = 1.0
-
-
-def _started(pid: int) -> float:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return 0.0
-
-
 def socket_for(pid: int) -> str:
     """The control socket of ``pid``, checked: ours to ask, and really a socket."""
     uid = _owner(pid)
-    started = _started(pid)
     me = os.geteuid()
     if me not in (uid, 0):
         raise NotAWorker(f"PID {pid} belongs to uid {uid}; only that user or root may diagnose it")
@@ -82,10 +70,6 @@ def socket_for(pid: int) -> str:
             raise ControlFailed(f"{path} is not a socket (something else took the name)")
         if info.st_uid != uid:
             raise ControlFailed(f"{path} belongs to uid {info.st_uid}, not to the worker's user")
-        if info.st_mtime < started - _CLOCK_SLACK_SECONDS:
-            # Bound before this process existed: left by an earlier process with this PID
-            # that was killed before it could remove it.
-            continue
         return path
     raise NoProbe(
         f"PID {pid} has no celery-warden probe listening (looked in {', '.join(looked)}): "
@@ -103,8 +87,11 @@ def ask(pid: int, request: dict[str, Any], *, timeout: float = 30.0) -> dict[str
         try:
             sock.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
+            # Left by a probe that was killed, in this process or in an earlier one
+            # that had this PID: either way, nothing listens here now.
             raise NoProbe(
-                f"PID {pid}'s control socket {path} is stale (nobody listens): " + INSTALL_HINT
+                f"PID {pid} has no celery-warden probe listening (its control socket "
+                f"{path} is stale): " + INSTALL_HINT
             ) from None
         peer_pid, _uid, _gid = peer_credentials(sock)
         if peer_pid != pid:

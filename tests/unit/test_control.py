@@ -147,7 +147,7 @@ def test_a_socket_older_than_its_process_is_a_leftover_of_the_pid_s_last_owner(
     control_dir: Path,
 ) -> None:
     """A worker killed with SIGKILL leaves its socket; a new process given the same PID
-    later has no probe, and is told so rather than of a stale socket."""
+    later has no probe, and is told so (whatever the clocks say)."""
     control_dir.mkdir(mode=0o700)
     sleeper = subprocess.Popen(["sleep", "30"])
     try:

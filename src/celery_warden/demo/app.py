@@ -24,7 +24,7 @@ _control.mkdir(parents=True, exist_ok=True)
 
 app = Celery("celery_warden_demo")
 app.conf.update(
-    broker_url="filesystem://",
+    broker_url="filesystem://localhost/",  # the host kombu would assume, without its warning
     broker_transport_options={
         "data_folder_in": str(_folder),
         "data_folder_out": str(_folder),
