@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.integration._workers import BROKERS
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 
 @pytest.fixture(params=sorted(BROKERS))
@@ -36,4 +40,15 @@ def send(broker: str, queue: str) -> Iterator[Callable[..., None]]:
                 app.send_task(name, args=args, queue=queue, producer=producer)
 
     yield _send
+    app.close()
+
+
+@pytest.fixture
+def client() -> Iterator[Celery]:
+    """A client app on Redis, to send tasks by name to a test's worker."""
+    from celery import Celery
+
+    app = Celery("warden_test_client", broker=BROKERS["redis"])
+    app.conf.broker_connection_retry_on_startup = True
+    yield app
     app.close()

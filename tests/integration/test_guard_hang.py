@@ -19,7 +19,7 @@ import sysconfig
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,14 +113,6 @@ class Warden:
         """Warm shutdown, forwarded to the master: the warden exits with the worker."""
         self.proc.send_signal(signal.SIGTERM)
         assert self.proc.wait(timeout=60) == 0, self.log.read_text()[-3000:]
-
-
-@pytest.fixture
-def client() -> Iterator[Celery]:
-    app = Celery("warden_guard_client", broker=BROKERS["redis"])
-    app.conf.broker_connection_retry_on_startup = True
-    yield app
-    app.close()
 
 
 def _worker_argv(queue: str, concurrency: int) -> list[str]:

@@ -42,14 +42,6 @@ _TIMINGS = ["--interval", str(INTERVAL), "--recycle-grace-seconds", "2"]
 
 
 @pytest.fixture
-def client() -> Iterator[Celery]:
-    app = Celery("warden_orphans_client", broker=BROKERS["redis"])
-    app.conf.broker_connection_retry_on_startup = True
-    yield app
-    app.close()
-
-
-@pytest.fixture
 def strays() -> Iterator[list[psutil.Process]]:
     """Processes to kill at the end: psutil refuses to signal a PID reused since."""
     procs: list[psutil.Process] = []

@@ -117,15 +117,18 @@ def test_a_taken_or_open_path_is_refused(control_dir: Path, tmp_path: Path, take
         assert (control_dir / socket_name(os.getpid())).is_symlink()
 
 
+def _socket_nobody_listens_on(path: str) -> None:
+    """What a probe killed with SIGKILL leaves behind."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(path)
+
+
 def test_a_stale_socket_or_another_process_answering_is_refused(control_dir: Path) -> None:
     control_dir.mkdir(mode=0o700)
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
         path = str(control_dir / socket_name(sleeper.pid))
-        # a socket file nobody listens on
-        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        stale.bind(path)
-        stale.close()
+        _socket_nobody_listens_on(path)
         with pytest.raises(control.NoProbe, match="stale"):
             control.ask(sleeper.pid, {"op": "hello"})
         os.unlink(path)
@@ -152,9 +155,7 @@ def test_a_socket_older_than_its_process_is_a_leftover_of_the_pid_s_last_owner(
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
         path = str(control_dir / socket_name(sleeper.pid))
-        leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        leftover.bind(path)
-        leftover.close()
+        _socket_nobody_listens_on(path)
         hour_ago = time.time() - 3600
         os.utime(path, (hour_ago, hour_ago), follow_symlinks=False)
         with pytest.raises(control.NoProbe, match="no celery-warden probe listening"):

@@ -257,6 +257,13 @@ class Guard:
         with self._lock:
             return bool(self._orphaned) or any(t.is_alive() for t in self._threads)
 
+    def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        """Run an action on a thread of its own (a slow py-spy or a grace period holds
+        up no other decision); :meth:`stop` waits for it."""
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.swept.wait()
@@ -481,9 +488,7 @@ class Guard:
                     t=decided,
                 )
 
-            thread = threading.Thread(target=report, name="warden-report", daemon=True)
-            self._threads.append(thread)
-            thread.start()
+            self._spawn("warden-report", report)
             return
         self._hard(info, state, IncidentKind.HANG, reason, numbers, now, task=task, with_stack=True)
 
@@ -672,11 +677,7 @@ class Guard:
                 continue
             state.reported.add("stuck")  # asked once per idle spell
             idle = now - self._last_work[info.pid]
-            thread = threading.Thread(
-                target=self._ask_queues, args=(info, idle), name="warden-queues", daemon=True
-            )
-            self._threads.append(thread)
-            thread.start()
+            self._spawn("warden-queues", self._ask_queues, info, idle)
 
     def _ask_queues(self, info: ProcessInfo, idle: float) -> None:
         key = (info.pid, info.start_ticks)
@@ -853,14 +854,7 @@ class Guard:
             return
         state.recycling = incident.id
         budget.begin(incident.id, now, hard=False)
-        thread = threading.Thread(
-            target=self._soft_recycle,
-            args=(info, incident, budget),
-            name="warden-recycle",
-            daemon=True,
-        )
-        self._threads.append(thread)
-        thread.start()
+        self._spawn("warden-recycle", self._soft_recycle, info, incident, budget)
 
     def _refused(
         self,
@@ -1059,9 +1053,7 @@ class Guard:
                 return
             self._terminate(info, incident, budget)
 
-        thread = threading.Thread(target=escalate, name="warden-escalate", daemon=True)
-        self._threads.append(thread)
-        thread.start()
+        self._spawn("warden-escalate", escalate)
 
     def _still_running(self, info: ProcessInfo, task: RunningTask) -> bool:
         """Whether ``info`` still runs ``task`` (a TERM must not land on the next one)."""
@@ -1147,11 +1139,7 @@ class Guard:
             else time.time() + self.config.recycle.grace_seconds,
         )
         state.incident = incident.id
-        thread = threading.Thread(
-            target=self._warm_restart_run, args=(info, incident), name="warden-warm", daemon=True
-        )
-        self._threads.append(thread)
-        thread.start()
+        self._spawn("warden-warm", self._warm_restart_run, info, incident)
 
     def _warm_restart_run(self, info: ProcessInfo, incident: Incident) -> None:
         target = self._target(info)
@@ -1270,11 +1258,7 @@ class Guard:
             if not alive:
                 self._finish(incident, Outcome.TARGET_GONE, "gone when the warden restarted")
                 continue
-            thread = threading.Thread(
-                target=self._resume_one, args=(incident,), name="warden-resume", daemon=True
-            )
-            self._threads.append(thread)
-            thread.start()
+            self._spawn("warden-resume", self._resume_one, incident)
 
     def _resume_one(self, incident: Incident) -> None:
         """Wait until the session has discovered the process (its pidfd verified) and
